@@ -1,0 +1,39 @@
+"""Streaming aggregation of pseudo-gradients: the coordinator holds one model of accumulator.
+
+Updates are folded in as they arrive and then dropped, so memory does not grow with the
+number of sites (Photon's server does the same). The weighted mean uses token counts as
+weights: a site that trained on twice the tokens counts twice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class WeightedMean:
+    """sum_i w_i * delta_i / sum_i w_i, accumulated one update at a time.
+
+    Memory: one float32 tensor per model tensor (one model), whatever the number of sites.
+    """
+
+    def __init__(self) -> None:
+        self._sum: dict[str, torch.Tensor] | None = None
+        self.total_weight = 0.0
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, delta: dict[str, torch.Tensor], weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"aggregation weight must be positive, got {weight}")
+        if self._sum is None:
+            self._sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in delta.items()}
+        for k, v in delta.items():
+            self._sum[k].add_(v.float(), alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor] | None:
+        """The weighted mean, or None when nothing was added."""
+        if self._sum is None:
+            return None
+        return {k: v / self.total_weight for k, v in self._sum.items()}

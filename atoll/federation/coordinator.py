@@ -1,0 +1,179 @@
+"""The coordinator: plans rounds, checks and folds in updates, takes the outer step.
+
+It holds the global weights, the outer optimizer and the schedule clock, and nothing about
+how messages travel. A round is a transaction (torchft's lesson): :meth:`open_round` makes
+the plans, :meth:`accept` checks each update and adds it to a streaming mean, and
+:meth:`close` applies the outer step only with what was accepted. A round in which nothing
+valid arrived leaves the global weights untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from atoll.federation.aggregate import WeightedMean
+from atoll.federation.checks import check_update
+from atoll.federation.protocol import RoundPlan, SiteUpdate
+from atoll.train.inner import InnerConfig
+from atoll.train.outer import OuterConfig, OuterOptimizer
+
+
+@dataclass
+class FederationConfig:
+    """How rounds are run."""
+
+    rounds: int = 10
+    steps_per_round: int = 50
+    """Inner steps per site per round (H). With a time budget: a cap (0 = none)."""
+    time_budget_s: float = 0.0
+    """> 0: each site trains for this many seconds per round instead of a step count."""
+    sites_per_round: int = 0
+    """Sample this many of the available sites each round (0 = all)."""
+    deadline_s: float = 0.0
+    """Close a round this many seconds after it opened, with whoever reported (0 = wait)."""
+
+    def check(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"federation.rounds must be at least 1, got {self.rounds}")
+        if self.steps_per_round < 0 or self.time_budget_s < 0 or self.sites_per_round < 0:
+            raise ValueError("federation.steps_per_round, time_budget_s and sites_per_round "
+                             "must be >= 0")
+        if self.steps_per_round == 0 and self.time_budget_s == 0:
+            raise ValueError("set federation.steps_per_round or federation.time_budget_s")
+        if self.deadline_s < 0:
+            raise ValueError(f"federation.deadline_s must be >= 0, got {self.deadline_s}")
+
+
+@dataclass
+class RoundOutcome:
+    """What a closed round did."""
+
+    round: int
+    planned: list[str]
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    tokens: int = 0
+    steps: int = 0
+    train_loss: float | None = None
+    applied: bool = False
+    """Whether the outer step was taken (False when no valid update arrived)."""
+
+
+class Coordinator:
+    """Owns the global model state of a federation and the rules of a round."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], *, run_id: str, seed: int,
+                 federation: FederationConfig, outer: OuterConfig, inner: InnerConfig,
+                 model_config: dict, seq_len: int, total_steps: int) -> None:
+        self.run_id = run_id
+        self.seed = seed
+        self.cfg = federation
+        self.inner = inner
+        self.model_config = model_config
+        self.seq_len = seq_len
+        self.total_steps = total_steps
+        self.outer = OuterOptimizer(weights, outer)
+        self.shapes = {n: (w.shape, w.dtype) for n, w in self.outer.weights.items()}
+        self.round = 0  # last closed round
+        self.step = 0  # schedule position at the start of the next round
+        self.tokens = 0  # tokens trained into the global weights so far
+        self._planned: list[str] = []
+        self._mean: WeightedMean | None = None
+        self._outcome: RoundOutcome | None = None
+        self._loss_sum = 0.0
+        self._step_sum = 0.0
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.outer.weights
+
+    def select(self, available: list[str]) -> list[str]:
+        """The sites that train in the next round: all, or a seeded sample of k."""
+        sites = sorted(available)
+        k = self.cfg.sites_per_round
+        if k and k < len(sites):
+            rng = np.random.default_rng([self.seed, self.round + 1])
+            sites = sorted(rng.choice(sites, size=k, replace=False).tolist())
+        return sites
+
+    def open_round(self, sites: list[str]) -> dict[str, RoundPlan]:
+        """Start round ``self.round + 1`` with ``sites``; one plan per site."""
+        r = self.round + 1
+        self._planned = list(sites)
+        self._mean = WeightedMean()
+        self._outcome = RoundOutcome(round=r, planned=list(sites))
+        self._loss_sum = self._step_sum = 0.0
+        inner = asdict(self.inner)
+        return {
+            s: RoundPlan(run_id=self.run_id, round=r, site=s, step=self.step,
+                         total_steps=self.total_steps, max_steps=self.cfg.steps_per_round,
+                         time_budget_s=self.cfg.time_budget_s, seed=self.seed, inner=inner,
+                         model_config=self.model_config, seq_len=self.seq_len,
+                         weights=self.weights)
+            for s in sites
+        }
+
+    def accept(self, update: SiteUpdate) -> str | None:
+        """Check ``update`` and fold it into the round; returns the rejection reason, if any."""
+        out = self._outcome
+        if out is None:
+            return "no round is open"
+        expected = set(self._planned) - set(out.accepted)
+        reason = check_update(update, self.run_id, out.round, expected, self.shapes)
+        if reason is not None:
+            # A leftover from another round or run says nothing about this round's reply.
+            if update.round == out.round and update.run_id == self.run_id \
+                    and update.site in expected:
+                out.rejected[update.site] = reason
+            return reason
+        out.rejected.pop(update.site, None)
+        self._mean.add(update.delta, weight=float(update.tokens))
+        out.accepted.append(update.site)
+        out.tokens += update.tokens
+        self._loss_sum += update.train_loss * update.tokens
+        self._step_sum += update.steps * update.tokens
+        return None
+
+    def reject(self, site: str, reason: str) -> None:
+        """Record that ``site`` failed this round (crash, timeout, undecodable reply)."""
+        if self._outcome is not None and site not in self._outcome.accepted:
+            self._outcome.rejected.setdefault(site, reason)
+
+    def close(self) -> RoundOutcome:
+        """Apply the outer step with the accepted updates and advance the round."""
+        out = self._outcome
+        if out is None:
+            raise RuntimeError("close() without an open round")
+        mean = self._mean.result()
+        if mean is not None:
+            # Where the outer step happens: the mean pseudo-gradient is theta's "gradient".
+            self.outer.step(mean)
+            out.applied = True
+            out.train_loss = self._loss_sum / out.tokens
+            # The clock advances by the token-weighted mean of the steps the sites took
+            # (exactly H with fixed-step rounds).
+            out.steps = round(self._step_sum / out.tokens)
+            self.step += out.steps
+            self.tokens += out.tokens
+        self.round = out.round
+        self._outcome = self._mean = None
+        return out
+
+    def state_dict(self) -> dict:
+        return {"run_id": self.run_id, "round": self.round, "step": self.step,
+                "tokens": self.tokens,
+                "weights": dict(self.weights), "outer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["run_id"] != self.run_id:
+            raise ValueError(f"checkpoint is of run {state['run_id']!r}, not {self.run_id!r}")
+        with torch.no_grad():
+            for n, w in self.weights.items():
+                w.copy_(state["weights"][n])
+        self.outer.load_state_dict(state["outer"])
+        self.round = int(state["round"])
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])

@@ -1,0 +1,134 @@
+"""What travels between the coordinator and a site, and what an engine must do to move it.
+
+Two plain dataclasses: a :class:`RoundPlan` goes down (global weights, the schedule position,
+how long to train, the training settings), a :class:`SiteUpdate` comes back (the
+pseudo-gradient and what it cost). On the wire each is one safetensors blob whose metadata
+holds the non-tensor fields as JSON, so a message is self-describing and its size is the real
+number of bytes that crosses the network.
+
+Engines implement :class:`Engine`; the coordinator and the site never see how messages move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+WIRE_VERSION = 1
+
+
+@dataclass
+class RoundPlan:
+    """Coordinator -> site: train from these weights for this long."""
+
+    run_id: str
+    round: int
+    """1-based number of the round this plan belongs to."""
+    site: str
+    step: int
+    """Global schedule position (inner steps since the run began) at the start of the round."""
+    total_steps: int
+    """Length of the learning-rate schedule, in inner steps."""
+    max_steps: int
+    """Inner steps to take; 0 = train for ``time_budget_s`` instead."""
+    time_budget_s: float
+    seed: int
+    """Seed of the site's data order for this run."""
+    inner: dict[str, Any]
+    """The :class:`~atoll.train.inner.InnerConfig` every site trains with, as a dict."""
+    model_config: dict[str, Any]
+    """Hugging Face config of the model (the site builds it on first contact)."""
+    seq_len: int
+    weights: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class SiteUpdate:
+    """Site -> coordinator: the pseudo-gradient ``theta - theta_site`` and what it took."""
+
+    run_id: str
+    round: int
+    site: str
+    delta: dict[str, torch.Tensor] = field(repr=False)
+    tokens: int
+    steps: int
+    train_loss: float
+    seconds: float
+    compute_seconds: float
+    bytes_up: int = 0
+    """Filled in by the engine: serialized size of this update."""
+    bytes_down: int = 0
+    """Filled in by the engine: serialized size of the plan that produced it."""
+
+
+@dataclass
+class SiteFailure:
+    """An engine's report that a site did not answer usably (crash, timeout, garbage)."""
+
+    site: str
+    round: int
+    reason: str
+
+
+class WireError(ValueError):
+    """A message that cannot be decoded: names the reason."""
+
+
+_TENSOR_FIELD = {RoundPlan: "weights", SiteUpdate: "delta"}
+
+
+def to_bytes(msg: RoundPlan | SiteUpdate) -> bytes:
+    """Serialize a plan or an update into one safetensors blob."""
+    tensor_field = _TENSOR_FIELD[type(msg)]
+    meta = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)
+            if f.name != tensor_field}
+    header = {"atoll": json.dumps({"v": WIRE_VERSION, "type": type(msg).__name__, **meta})}
+    tensors = {k: v.contiguous() for k, v in getattr(msg, tensor_field).items()}
+    return st_save(tensors, metadata=header)
+
+
+def from_bytes(blob: bytes, expect: type) -> Any:
+    """Decode what :func:`to_bytes` wrote; raises :class:`WireError` on anything else."""
+    try:
+        tensors = st_load(blob)
+        header = json.loads(_metadata(blob)["atoll"])
+    except (SafetensorError, KeyError, ValueError, TypeError) as e:
+        raise WireError(f"not an atoll message ({type(e).__name__}: {e})") from None
+    if header.pop("v", None) != WIRE_VERSION or header.pop("type", None) != expect.__name__:
+        raise WireError(f"expected a {expect.__name__} (wire v{WIRE_VERSION})")
+    header[_TENSOR_FIELD[expect]] = tensors
+    try:
+        return expect(**header)
+    except TypeError as e:
+        raise WireError(f"malformed {expect.__name__}: {e}") from None
+
+
+def _metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` table of a safetensors blob (8-byte length + JSON header)."""
+    n = int.from_bytes(blob[:8], "little")
+    if n <= 0 or n > len(blob) - 8:
+        raise ValueError("truncated header")
+    return json.loads(blob[8 : 8 + n])["__metadata__"]
+
+
+class Engine(Protocol):
+    """Moves plans to sites and updates back. Knows nothing about training."""
+
+    def available_sites(self) -> list[str]:
+        """Sites that can take a plan now."""
+        ...
+
+    def exchange(self, plans: dict[str, RoundPlan], deadline_s: float
+                 ) -> Iterator[SiteUpdate | SiteFailure]:
+        """Deliver ``plans`` and yield each site's reply as it arrives, until all replied or
+        ``deadline_s`` seconds passed (0 = no deadline); a site that did not answer by then
+        is reported as a :class:`SiteFailure`."""
+        ...

@@ -1,0 +1,130 @@
+"""A site: private data plus local compute. Takes a RoundPlan, trains, returns a SiteUpdate.
+
+A site needs only its data directory and a directory for its own state. Everything else (the
+model, the training settings, the schedule position) arrives with the plan, so a site can
+join a running federation at any round.
+
+The state a site keeps between rounds (inner AdamW state, data cursor) is saved after every
+round under ``state_dir/round-NNNNN``. A plan for round r starts from the newest state saved
+*before* r, so a round that is repeated (the coordinator crashed and resumed) starts from
+exactly the same place, and the site's process may be a fresh one each time (Flower).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from atoll.data.reader import PackedReader, TokenDataset
+from atoll.federation.protocol import RoundPlan, SiteUpdate
+from atoll.storage import load_state, save_state
+from atoll.train.inner import InnerConfig, InnerTrainer
+
+KEEP_STATES = 2
+_ROUND_DIR = re.compile(r"^round-(\d{5,})$")
+
+
+def data_seed(run_seed: int, site: str) -> int:
+    """The seed of a site's data order: fixed by the run's seed and the site's name."""
+    return int(hashlib.sha256(f"{run_seed}:{site}".encode()).hexdigest()[:8], 16)
+
+
+class Site:
+    """One member of a federation, with data that never leaves it."""
+
+    def __init__(self, name: str, data_dir: str | Path, state_dir: str | Path) -> None:
+        self.name = name
+        self.data_dir = Path(data_dir)
+        self.state_dir = Path(state_dir)
+        self._key: str | None = None  # what the in-memory model/trainer/reader were built for
+        self._completed: int | None = None  # round whose end state is in memory
+        self.model: torch.nn.Module | None = None
+        self.trainer: InnerTrainer | None = None
+        self.reader: PackedReader | None = None
+
+    def run(self, plan: RoundPlan, on_step: Callable[[int, float], None] | None = None
+            ) -> SiteUpdate:
+        """Train from the plan's weights; return the pseudo-gradient and its accounting."""
+        self._build(plan)
+        self._restore(plan)
+        trainer, model = self.trainer, self.model
+        if trainer.cfg.reset_state:
+            trainer.reset_optimizer()
+        trainer.step = plan.step  # the global clock, whatever this site did before
+        trainer.total_steps = plan.total_steps
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, w in plan.weights.items():
+                params[name].copy_(w)
+        result = trainer.run(self.reader.next_batch, plan.max_steps, plan.time_budget_s, on_step)
+        with torch.no_grad():
+            delta = {n: plan.weights[n] - params[n].detach() for n in plan.weights}
+        self._save(plan.round)
+        return SiteUpdate(
+            run_id=plan.run_id, round=plan.round, site=self.name, delta=delta,
+            tokens=result.tokens, steps=result.steps, train_loss=result.loss,
+            seconds=result.seconds, compute_seconds=result.compute_seconds,
+        )
+
+    # -- building and state -------------------------------------------------------------
+
+    def _build(self, plan: RoundPlan) -> None:
+        key = hashlib.sha256(json.dumps([plan.run_id, plan.model_config, plan.inner,
+                                         plan.seq_len, plan.seed], sort_keys=True,
+                                        default=str).encode()).hexdigest()
+        if key == self._key:
+            return
+        cfg = AutoConfig.for_model(**plan.model_config)
+        self.model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        inner = InnerConfig(**plan.inner)
+        self.trainer = InnerTrainer(self.model, inner, plan.total_steps)
+        dataset = TokenDataset(self.data_dir, "train", plan.seq_len)
+        if dataset.manifest["vocab_size"] > cfg.vocab_size:
+            raise ValueError(f"site {self.name}: data in {self.data_dir} was prepared with a "
+                             f"vocabulary of {dataset.manifest['vocab_size']}, the model has "
+                             f"{cfg.vocab_size}")
+        self.reader = PackedReader(dataset, inner.batch_size, seed=data_seed(plan.seed, self.name))
+        self._key, self._completed = key, None
+
+    def saved_rounds(self) -> list[int]:
+        if not self.state_dir.exists():
+            return []
+        return sorted(int(m.group(1)) for p in self.state_dir.iterdir()
+                      if (m := _ROUND_DIR.match(p.name)))
+
+    def _restore(self, plan: RoundPlan) -> None:
+        """Bring the in-memory state to the newest round saved before the plan's round."""
+        before = [r for r in self.saved_rounds() if r < plan.round]
+        if not before:
+            if self._completed is not None:  # memory holds a later round: start afresh
+                self._key = None
+                self._build(plan)
+            return
+        latest = before[-1]
+        if latest == self._completed:
+            return
+        state = load_state(self.state_dir / f"round-{latest:05d}")
+        if state["key"] != self._key:  # saved by a different run or setup: start afresh
+            if self._completed is not None:
+                self._key = None
+                self._build(plan)
+            return
+        self.trainer.load_state_dict(state["trainer"])
+        self.reader.load_state_dict(state["reader"])
+        self._completed = latest
+
+    def _save(self, round_: int) -> None:
+        state = {"key": self._key, "round": round_, "trainer": self.trainer.state_dict(),
+                 "reader": self.reader.state_dict(), "saved_at": time.time()}
+        save_state(state, self.state_dir / f"round-{round_:05d}")
+        self._completed = round_
+        for old in self.saved_rounds()[:-KEEP_STATES]:
+            shutil.rmtree(self.state_dir / f"round-{old:05d}", ignore_errors=True)

@@ -1,0 +1,151 @@
+"""``report.html`` and its PNG plots, made from a run folder's ``metrics.jsonl`` alone."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from atoll.config import write_atomic  # noqa: E402
+from atoll.metrics import read_metrics  # noqa: E402
+
+FEDERATION = "federation"
+
+
+def _rounds(records: list[dict], run: str) -> list[dict]:
+    return [r for r in records if r["kind"] == "round" and r["run"] == run]
+
+
+def plot_validation(records: list[dict], path: Path) -> None:
+    """Validation loss per domain over tokens: federation solid, baselines dashed."""
+    runs = sorted({r["run"] for r in records if r["kind"] == "round"},
+                  key=lambda n: (n != FEDERATION, n))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors: dict[str, str] = {}
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
+        points = [r for r in _rounds(records, run) if r.get("val_loss")]
+        domains = sorted({d for r in points for d in r["val_loss"]})
+        for d in domains:
+            xs = [r["tokens"] / 1e6 for r in points if d in r["val_loss"]]
+            ys = [r["val_loss"][d] for r in points if d in r["val_loss"]]
+            line, = ax.plot(xs, ys, styles[i % len(styles)], color=colors.get(d),
+                            label=f"{d} ({run})", marker="o" if run == FEDERATION else None,
+                            markersize=3)
+            colors.setdefault(d, line.get_color())
+    ax.set_xlabel("tokens trained (millions)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Validation loss per domain: federation vs centralised")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bytes(records: list[dict], path: Path) -> None:
+    """Cumulative bytes that crossed the network, up (sites -> coordinator) and down."""
+    rounds = _rounds(records, FEDERATION)
+    xs = [r["round"] for r in rounds]
+    up, down, tu, td = [], [], 0, 0
+    for r in rounds:
+        tu += r.get("bytes_up", 0)
+        td += r.get("bytes_down", 0)
+        up.append(tu / 1e6)
+        down.append(td / 1e6)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, up, marker="o", label="up (updates)")
+    ax.plot(xs, down, marker="s", label="down (global weights)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB on the wire (cumulative)")
+    ax.set_title("Bytes on the wire")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_site_tokens(records: list[dict], path: Path) -> None:
+    """Tokens each site trained (accepted updates only)."""
+    tokens: dict[str, int] = defaultdict(int)
+    for r in records:
+        if r["kind"] == "site" and r.get("accepted"):
+            tokens[r["site"]] += r["tokens"]
+    names = sorted(tokens)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(names, [tokens[n] / 1e6 for n in names], color="tab:green")
+    ax.set_ylabel("tokens trained (millions)")
+    ax.set_title("Tokens per site")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def final_table(records: list[dict]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    last: dict[str, dict[str, float]] = {}
+    for r in records:
+        if r["kind"] == "round" and r.get("val_loss"):
+            last[r["run"]] = r["val_loss"]
+    domains = sorted({d for v in last.values() for d in v})
+    return domains, last
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Make ``plots/*.png`` and ``report.html`` in ``run_dir``; returns the report's path."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    if not records:
+        raise ValueError(f"{run_dir}: no metrics.jsonl records to report")
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_validation(records, plots / "validation_loss.png")
+    plot_bytes(records, plots / "bytes_on_wire.png")
+    plot_site_tokens(records, plots / "site_tokens.png")
+
+    domains, last = final_table(records)
+    runs = sorted(last, key=lambda n: (n != FEDERATION, n))
+    head = "".join(f"<th>{html.escape(d)}</th>" for d in domains)
+    rows = []
+    for run in runs:
+        cells = "".join(f"<td>{last[run].get(d, float('nan')):.4f}</td>" for d in domains)
+        mean = sum(last[run].values()) / len(last[run])
+        rows.append(f"<tr><td>{html.escape(run)}</td>{cells}<td><b>{mean:.4f}</b></td></tr>")
+    fed = _rounds(records, FEDERATION)
+    total_up = sum(r.get("bytes_up", 0) for r in fed)
+    total_down = sum(r.get("bytes_down", 0) for r in fed)
+    rejected = [(r["round"], s, why) for r in fed for s, why in (r.get("rejected") or {}).items()]
+    rej_html = "".join(f"<li>round {n}: {html.escape(s)}: {html.escape(w)}</li>"
+                       for n, s, w in rejected) or "<li>none</li>"
+    config = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else ""
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>atoll run {html.escape(info.get('run_id', ''))}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}
+img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
+<h1>atoll run {html.escape(info.get('name', ''))}
+<small>{html.escape(info.get('run_id', ''))}</small></h1>
+<p>{len(fed) - 1} rounds, {fed[-1]['tokens']:,} tokens trained into the global model,
+{total_up / 1e6:.1f} MB up and {total_down / 1e6:.1f} MB down on the wire.</p>
+<h2>Final validation loss (nats/token)</h2>
+<table><tr><th>run</th>{head}<th>mean</th></tr>{''.join(rows)}</table>
+<p>Baselines are centralised training on the union of the sites' data at equal tokens:
+<i>data_parallel</i> combines the sites' batches for the same number of steps;
+<i>sequential</i> takes one site's batch for steps &times; sites steps.</p>
+<h2>Validation loss per domain</h2><img src="plots/validation_loss.png">
+<h2>Bytes on the wire</h2><img src="plots/bytes_on_wire.png">
+<h2>Tokens per site</h2><img src="plots/site_tokens.png">
+<h2>Rejected updates</h2><ul>{rej_html}</ul>
+<h2>Configuration</h2><pre>{html.escape(config)}</pre>
+</body></html>"""
+    path = run_dir / "report.html"
+    write_atomic(path, page.encode())
+    return path

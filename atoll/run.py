@@ -1,0 +1,235 @@
+"""A run folder and the loop that fills it, whatever engine moves the messages.
+
+``Run`` owns what a person reads afterwards: the resolved ``config.toml``, ``metrics.jsonl``,
+``checkpoints/``, ``model/`` and (via :mod:`atoll.report`) ``report.html``. It evaluates the
+global model per domain, keeps the centralised baselines level with the federation, and
+checkpoints after every round so that ``--resume`` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from atoll.config import save as save_config
+from atoll.config import write_atomic
+from atoll.data.reader import TokenDataset, validation_batches
+from atoll.federation.coordinator import Coordinator
+from atoll.federation.protocol import Engine
+from atoll.federation.rounds import RoundReport, run_round
+from atoll.metrics import MetricsLog, read_metrics
+from atoll.model import export
+from atoll.progress import Progress
+from atoll.run_config import RunConfig
+from atoll.storage import load_state, save_state
+from atoll.tokenizer import load_tokenizer
+from atoll.train.centralised import CentralisedBaseline
+from atoll.train.evaluate import validation_loss
+
+_CKPT = re.compile(r"^round-(\d{5,})$")
+FEDERATION = "federation"
+
+
+class Run:
+    """One federated run (plus its baselines) writing into ``out``."""
+
+    def __init__(self, cfg: RunConfig, out: str | Path, *, resume: bool = False,
+                 progress: Progress | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(out)
+        self.progress = progress or Progress(quiet=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.run_id = self._identity(resume)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.model = cfg.model.build(self.tokenizer, seed=cfg.seed)
+        init = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.coordinator = Coordinator(
+            init, run_id=self.run_id, seed=cfg.seed, federation=cfg.federation,
+            outer=cfg.outer, inner=cfg.inner, model_config=self.model.config.to_dict(),
+            seq_len=cfg.data.seq_len, total_steps=cfg.total_steps)
+        self.eval_sets = self._eval_sets()
+        self.baselines = [self._baseline(kind, init) for kind in cfg.baseline.kinds]
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.bytes_up = self.bytes_down = 0
+        if resume:
+            self._resume()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _identity(self, resume: bool) -> str:
+        path = self.out / "run.json"
+        if resume:
+            if not path.exists():
+                raise FileNotFoundError(f"{self.out} is not a run folder (no run.json)")
+            return json.loads(path.read_text())["run_id"]
+        if path.exists():
+            raise FileExistsError(f"{self.out} already holds a run: use --resume, or another --out")
+        run_id = uuid.uuid4().hex[:12]
+        write_atomic(path, json.dumps({"run_id": run_id, "name": self.cfg.name,
+                                       "started": time.time()}).encode())
+        save_config(self.cfg, self.out / "config.toml")
+        return run_id
+
+    def _eval_sets(self) -> dict[str, list[torch.Tensor]]:
+        e = self.cfg.eval
+        sets = [(s.name, s.data) for s in e.sets] or [(s.name, s.data) for s in self.cfg.sites]
+        out = {}
+        for name, data in sets:
+            ds = TokenDataset(data, "val", self.cfg.data.seq_len)
+            if len(ds) == 0:
+                continue  # too small to hold out validation rows
+            out[name] = validation_batches(ds, e.batch_size, e.max_batches)
+        return out
+
+    def _baseline(self, kind: str, init: dict[str, torch.Tensor]) -> CentralisedBaseline:
+        model = self.cfg.model.build(self.tokenizer, seed=self.cfg.seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(init[n])
+        return CentralisedBaseline(kind, model, self.cfg.inner, [s.data for s in self.cfg.sites],
+                                   self.cfg.data.seq_len, self.cfg.seed, self.cfg.total_steps)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def execute(self, engine: Engine) -> None:
+        """Run rounds until ``federation.rounds`` are done."""
+        rounds = self.cfg.federation.rounds
+        if self.coordinator.round == 0:
+            self._evaluate_and_log(0, None, 0.0)
+        while self.coordinator.round < rounds:
+            start = time.perf_counter()
+            report = run_round(self.coordinator, engine)
+            self._record(report, time.perf_counter() - start)
+
+    def _record(self, report: RoundReport, seconds: float) -> None:
+        out = report.outcome
+        r = out.round
+        for u in report.replies:
+            self.metrics.write({
+                "kind": "site", "run": FEDERATION, "round": r, "site": u.site,
+                "train_loss": u.train_loss, "tokens": u.tokens, "steps": u.steps,
+                "seconds": u.seconds, "compute_seconds": u.compute_seconds,
+                "bytes_up": u.bytes_up, "bytes_down": u.bytes_down,
+                "accepted": u.site in out.accepted, "reason": out.rejected.get(u.site)})
+            self.bytes_up += u.bytes_up
+            self.bytes_down += u.bytes_down
+        for f in report.failures:
+            self.metrics.write({"kind": "site", "run": FEDERATION, "round": r, "site": f.site,
+                                "accepted": False, "reason": f.reason})
+        for site, reason in out.rejected.items():
+            self.progress.log(f"  round {r}: update of {site} rejected: {reason}")
+        self._evaluate_and_log(r, report, seconds)
+        if r % self.cfg.checkpoint.every == 0 or r == self.cfg.federation.rounds:
+            self.checkpoint()
+
+    def _evaluate_and_log(self, r: int, report: RoundReport | None, seconds: float) -> None:
+        due = r == 0 or r % self.cfg.eval.every == 0 or r == self.cfg.federation.rounds
+        fed_val = self.evaluate(self.coordinator.weights) if due else None
+        out = report.outcome if report else None
+        self.metrics.write({
+            "kind": "round", "run": FEDERATION, "round": r, "tokens": self.coordinator.tokens,
+            "step": self.coordinator.step, "train_loss": out.train_loss if out else None,
+            "val_loss": fed_val, "sites": out.accepted if out else [],
+            "rejected": out.rejected if out else {},
+            "bytes_up": sum(u.bytes_up for u in report.replies) if report else 0,
+            "bytes_down": sum(u.bytes_down for u in report.replies) if report else 0,
+            "seconds": seconds})
+        line = f"round {r}/{self.cfg.federation.rounds}"
+        if out:
+            train = out.train_loss if out.train_loss is not None else float("nan")
+            line += f"  sites {len(out.accepted)}/{len(out.planned)}  train {train:.3f}"
+        if fed_val:
+            line += f"  val {_mean(fed_val):.3f}"
+        for b in self.baselines:
+            result = b.train_to(self.coordinator.tokens)
+            b_val = self._evaluate_model(b.model) if due else None
+            self.metrics.write({
+                "kind": "round", "run": b.name, "round": r, "tokens": b.tokens,
+                "step": b.trainer.step, "train_loss": result.loss if result else None,
+                "val_loss": b_val, "seconds": result.seconds if result else 0.0})
+            if b_val:
+                line += f"  {b.kind} {_mean(b_val):.3f}"
+        line += f"  tokens {self.coordinator.tokens / 1e6:.2f}M  {seconds:.1f}s"
+        self.progress.log(line)
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Validation loss per domain of ``weights`` (loaded into the run's model)."""
+        self.load_weights(weights)
+        return self._evaluate_model(self.model)
+
+    def _evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
+        return {name: validation_loss(model, batches) for name, batches in self.eval_sets.items()}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint(self) -> Path:
+        """Save coordinator + baselines for the last closed round (atomic directory rename)."""
+        root = self.out / "checkpoints"
+        r = self.coordinator.round
+        final = root / f"round-{r:05d}"
+        tmp = root / f".round-{r:05d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_state({**self.coordinator.state_dict(), "bytes_up": self.bytes_up,
+                    "bytes_down": self.bytes_down}, tmp / "coordinator")
+        for b in self.baselines:
+            save_state(b.state_dict(), tmp / f"baseline-{b.kind}")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in self.checkpoints()[: -self.cfg.checkpoint.keep]:
+            shutil.rmtree(root / f"round-{old:05d}", ignore_errors=True)
+        return final
+
+    def checkpoints(self) -> list[int]:
+        root = self.out / "checkpoints"
+        if not root.exists():
+            return []
+        return sorted(int(m.group(1)) for p in root.iterdir() if (m := _CKPT.match(p.name)))
+
+    def _resume(self) -> None:
+        rounds = self.checkpoints()
+        if not rounds:
+            self.metrics.truncate_after(-1)  # nothing to keep: start from round 0 again
+            return
+        path = self.out / "checkpoints" / f"round-{rounds[-1]:05d}"
+        state = load_state(path / "coordinator")
+        self.coordinator.load_state_dict(state)
+        self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
+        for b in self.baselines:
+            b.load_state_dict(load_state(path / f"baseline-{b.kind}"))
+        self.metrics.truncate_after(self.coordinator.round)
+        self.progress.log(f"resumed {self.out} at round {self.coordinator.round}")
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def finish(self) -> Path:
+        """Export the global model in Hugging Face format to ``out/model``."""
+        self.load_weights(self.coordinator.weights)
+        return export(self.model, self.tokenizer, self.out / "model")
+
+    def final_losses(self) -> dict[str, dict[str, float]]:
+        """Last validation losses per run (federation, baselines) from the metrics."""
+        last: dict[str, dict[str, float]] = {}
+        for rec in read_metrics(self.out / "metrics.jsonl"):
+            if rec["kind"] == "round" and rec.get("val_loss"):
+                last[rec["run"]] = rec["val_loss"]
+        return last
+
+
+def _mean(d: dict[str, float]) -> float:
+    return sum(d.values()) / len(d)

@@ -1,0 +1,153 @@
+"""The whole config of a run: one dataclass tree whose parts belong to their components.
+
+TOML is only the input format; see ``configs/demo.toml`` for a commented example and the
+README's config reference for every key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from atoll.config import ConfigError, load
+from atoll.federation.coordinator import FederationConfig
+from atoll.model import ModelConfig
+from atoll.train.inner import InnerConfig
+from atoll.train.outer import OuterConfig
+
+BASELINE_KINDS = ("data_parallel", "sequential")
+
+
+@dataclass
+class SiteConfig:
+    """One site of a simulated federation."""
+
+    name: str
+    data: str
+    """A directory made by ``atoll prepare`` (relative paths: to the config file)."""
+
+    def check(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ \t"):
+            raise ValueError(f"site name {self.name!r} must be non-empty, without spaces or /")
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 128
+    """Tokens per training row; must divide the row length the data was prepared with."""
+
+    def check(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len must be at least 2, got {self.seq_len}")
+
+
+@dataclass
+class EvalSet:
+    name: str
+    data: str
+    """A prepared directory; its validation split is used."""
+
+
+@dataclass
+class EvalConfig:
+    """Validation of the global model (per domain) by the coordinator."""
+
+    batch_size: int = 16
+    max_batches: int = 8
+    """Validation batches per domain (0 = the whole validation split)."""
+    every: int = 1
+    """Evaluate every this many rounds (and always after the last)."""
+    sets: list[EvalSet] = field(default_factory=list)
+    """Domains to evaluate on; empty = each site's validation split, named after the site."""
+
+    def check(self) -> None:
+        if self.batch_size < 1 or self.max_batches < 0 or self.every < 1:
+            raise ValueError("eval.batch_size and eval.every must be >= 1, max_batches >= 0")
+
+
+@dataclass
+class BaselineConfig:
+    """Centralised baselines trained on the union of the sites' data at equal tokens."""
+
+    kinds: list[str] = field(default_factory=lambda: ["data_parallel"])
+    """``data_parallel`` (the sites' batches combined, same number of steps) and/or
+    ``sequential`` (one site's batch, steps x sites); empty = none."""
+
+    def check(self) -> None:
+        for k in self.kinds:
+            if k not in BASELINE_KINDS:
+                kinds = ", ".join(BASELINE_KINDS)
+                raise ValueError(f"unknown baseline kind '{k}' (one of {kinds})")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1
+    """Checkpoint every this many rounds (resume is exact when this is 1)."""
+    keep: int = 2
+    """How many checkpoints to keep."""
+
+    def check(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise ValueError("checkpoint.every and checkpoint.keep must be at least 1")
+
+
+@dataclass
+class RunConfig:
+    """Everything a federated run needs, from the model to the sites."""
+
+    name: str = "atoll"
+    seed: int = 0
+    threads: int = 0
+    """Torch CPU threads (0 = all cores)."""
+    tokenizer: str = ""
+    """A local Hugging Face tokenizer directory; empty = the byte-level tokenizer."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sites: list[SiteConfig] = field(default_factory=list)
+
+    def check(self) -> None:
+        if not self.sites:
+            raise ValueError("no [[sites]]: a federation needs at least one site")
+        names = [s.name for s in self.sites]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"site name {sorted(dup)[0]!r} is used twice")
+        if self.federation.sites_per_round > len(self.sites):
+            raise ValueError(f"federation.sites_per_round={self.federation.sites_per_round} > "
+                             f"{len(self.sites)} sites")
+
+    @property
+    def total_steps(self) -> int:
+        """Schedule length in inner steps (per site)."""
+        if self.inner.total_steps:
+            return self.inner.total_steps
+        return self.federation.rounds * max(1, self.federation.steps_per_round)
+
+
+def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                    base: str | os.PathLike | None = None) -> RunConfig:
+    """Load a run config; relative paths are taken relative to ``base`` (default: the
+    config file's directory)."""
+    cfg = load(RunConfig, path, overrides)
+    if base is None:
+        base = Path(path).resolve().parent if path is not None else Path.cwd()
+    base = Path(base)
+    for item in [*cfg.sites, *cfg.eval.sets]:
+        item.data = str((base / item.data).resolve())
+    if cfg.tokenizer:
+        cfg.tokenizer = str((base / cfg.tokenizer).resolve())
+    if cfg.model.path:
+        cfg.model.path = str((base / cfg.model.path).resolve())
+    for item in [*cfg.sites, *cfg.eval.sets]:
+        if not Path(item.data).is_dir():
+            raise ConfigError(f"{path}: data directory {item.data} of '{item.name}' does not "
+                              f"exist (make it with atoll prepare)")
+    return cfg

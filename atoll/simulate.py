@@ -1,0 +1,32 @@
+"""``atoll simulate``: a whole federation on this machine, with the local engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from atoll.engines.local import LocalEngine
+from atoll.federation.site import Site
+from atoll.progress import Progress
+from atoll.report import write_report
+from atoll.run import Run
+from atoll.run_config import RunConfig
+
+
+def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,
+             progress: Progress | None = None, report: bool = True) -> Run:
+    """Run (or resume) the federation described by ``cfg`` into ``out``; returns the run."""
+    progress = progress or Progress(quiet=True)
+    run = Run(cfg, out, resume=resume, progress=progress)
+    sites = [Site(s.name, s.data, run.out / "sites" / s.name) for s in cfg.sites]
+    steps = cfg.federation.steps_per_round
+    rounds = cfg.federation.rounds
+
+    def on_step(site: str, round_: int, step: int, loss: float) -> None:
+        of = f"/{steps}" if steps and not cfg.federation.time_budget_s else ""
+        progress.update(f"round {round_}/{rounds}  site {site}  step {step}{of}  loss {loss:.3f}")
+
+    run.execute(LocalEngine(sites, on_step=on_step))
+    run.finish()
+    if report:
+        write_report(run.out)
+    return run

@@ -1,0 +1,63 @@
+"""The outer optimizer: a stock ``torch.optim`` optimizer stepping the global weights.
+
+DiLoCo (Douillard et al., 2023, arXiv 2311.08105) treats the averaged pseudo-gradient
+``mean_i(theta - theta_i)`` as the gradient of the global weights ``theta`` and takes one
+step of SGD with Nesterov momentum (lr 0.7, momentum 0.9). FedAvg is the special case lr 1.0,
+momentum 0: the step lands exactly on the weighted mean of the sites' weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class OuterConfig:
+    """The coordinator's step on the averaged pseudo-gradient."""
+
+    optimizer: str = "sgd"
+    """``sgd`` (with optional Nesterov momentum) or ``adam``."""
+    lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+
+    def check(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"outer.optimizer must be 'sgd' or 'adam', got '{self.optimizer}'")
+        if self.lr <= 0:
+            raise ValueError(f"outer.lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"outer.momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0 and self.optimizer == "sgd":
+            raise ValueError("outer.nesterov needs outer.momentum > 0 (FedAvg: nesterov = false)")
+
+    def build(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999))
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
+
+
+class OuterOptimizer:
+    """Owns the global weights and steps them with the averaged pseudo-gradient."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], cfg: OuterConfig) -> None:
+        self.names = list(weights)
+        self.weights = {n: w.detach().clone().float() for n, w in weights.items()}
+        self.optimizer = cfg.build([self.weights[n] for n in self.names])
+
+    @torch.no_grad()
+    def step(self, pseudo_gradient: dict[str, torch.Tensor]) -> None:
+        """theta <- outer_step(theta, mean pseudo-gradient). Needs every tensor of theta."""
+        for n in self.names:
+            self.weights[n].grad = pseudo_gradient[n].to(self.weights[n].dtype)
+        self.optimizer.step()
+        for n in self.names:
+            self.weights[n].grad = None
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

@@ -1,0 +1,42 @@
+"""Shared fixtures: small prepared corpora from the demo domains and a fast run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from atoll.config import from_dict
+from atoll.data.demo import build_demo_data
+from atoll.run_config import RunConfig
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The four demo domains, 120k tokens each, rows of 64 tokens."""
+    root = tmp_path_factory.mktemp("demo-data")
+    return build_demo_data(root, tokens_per_domain=120_000, seq_len=64, log=lambda s: None)
+
+
+def small_config(data: dict[str, Path], sites: list[str] | None = None, **sections: dict
+                 ) -> RunConfig:
+    """A run config that trains in seconds: tiny model, short rows, few steps, no baseline."""
+    tree = {
+        "name": "test", "seed": 0, "threads": 1,
+        "data": {"seq_len": 64},
+        "inner": {"lr": 3e-3, "warmup_steps": 2, "batch_size": 4},
+        "outer": {"lr": 0.7, "momentum": 0.9, "nesterov": True},
+        "federation": {"rounds": 3, "steps_per_round": 3},
+        "eval": {"batch_size": 8, "max_batches": 2},
+        "baseline": {"kinds": []},
+        "sites": [{"name": n, "data": str(data[n])} for n in (sites or list(data))],
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            tree.setdefault(key, {}).update(value)
+        else:
+            tree[key] = value
+    return from_dict(RunConfig, tree)

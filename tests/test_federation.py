@@ -1,0 +1,96 @@
+"""Round semantics: partial participation, bad updates refused, one failing site isolated."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from atoll.federation.coordinator import Coordinator, FederationConfig
+from atoll.federation.protocol import SiteUpdate
+from atoll.metrics import read_metrics
+from atoll.run_config import EvalSet
+from atoll.simulate import simulate
+from atoll.train.inner import InnerConfig
+from atoll.train.outer import OuterConfig
+from tests.conftest import small_config
+
+
+def coordinator(sites_per_round: int = 0) -> Coordinator:
+    weights = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    return Coordinator(weights, run_id="run", seed=1,
+                       federation=FederationConfig(rounds=5, steps_per_round=2,
+                                                   sites_per_round=sites_per_round),
+                       outer=OuterConfig(lr=1.0, momentum=0.0, nesterov=False),
+                       inner=InnerConfig(), model_config={}, seq_len=8, total_steps=10)
+
+
+def update(site: str, round_: int = 1, value: float = 1.0, tokens: int = 10, **delta) -> SiteUpdate:
+    d = {"w": torch.full((2, 3), value), "b": torch.full((3,), value)}
+    d.update(delta)
+    return SiteUpdate(run_id="run", round=round_, site=site, delta=d, tokens=tokens, steps=2,
+                      train_loss=1.0, seconds=0.1, compute_seconds=0.1)
+
+
+def test_weighted_mean_of_accepted_updates_only():
+    c = coordinator()
+    c.open_round(["a", "b", "c"])
+    assert c.accept(update("a", value=1.0, tokens=10)) is None
+    assert c.accept(update("b", value=4.0, tokens=30)) is None
+    assert "NaN" in c.accept(update("c", value=float("nan")))
+    out = c.close()
+    assert out.accepted == ["a", "b"] and "c" in out.rejected
+    # FedAvg: theta = 0 - (10*1 + 30*4)/40
+    assert torch.allclose(c.weights["w"], torch.full((2, 3), -3.25))
+    assert c.step == 2 and c.tokens == 40 and c.round == 1
+
+
+def test_rejections_name_the_reason():
+    c = coordinator()
+    c.open_round(["a", "b"])
+    assert "stale" in c.accept(update("a", round_=0))
+    assert "shape" in c.accept(update("b", w=torch.zeros(3, 2)))
+    assert "not asked" in c.accept(update("zed"))
+    assert c.accept(update("a")) is None
+    assert "not asked" in c.accept(update("a"))  # a second update from the same site
+
+
+def test_round_with_nothing_valid_leaves_weights_untouched():
+    c = coordinator()
+    before = copy.deepcopy(c.weights)
+    c.open_round(["a"])
+    c.accept(update("a", b=torch.full((3,), float("inf"))))
+    out = c.close()
+    assert not out.applied and c.round == 1 and c.step == 0
+    assert all(torch.equal(before[k], c.weights[k]) for k in before)
+
+
+def test_partial_participation_is_seeded():
+    picks = []
+    for _ in range(2):
+        c = coordinator(sites_per_round=2)
+        rounds = []
+        for _ in range(4):
+            chosen = c.select(["a", "b", "c", "d"])
+            rounds.append(chosen)
+            c.open_round(chosen)
+            c.close()
+        picks.append(rounds)
+    assert picks[0] == picks[1]
+    assert all(len(r) == 2 for r in picks[0])
+    assert len({tuple(r) for r in picks[0]}) > 1  # not the same pair every round
+
+
+def test_a_broken_site_does_not_stop_the_others(demo_data, tmp_path):
+    cfg = small_config(demo_data, ["code", "scripture"], federation={"rounds": 2})
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    cfg.sites[1].data = str(broken)
+    cfg.eval.sets = [EvalSet("code", str(demo_data["code"]))]
+    run = simulate(cfg, tmp_path / "run", report=False)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    fails = [r for r in records if r["kind"] == "site" and r["site"] == "scripture"]
+    assert len(fails) == 2 and all(not r["accepted"] for r in fails)
+    assert "manifest is not valid JSON" in fails[0]["reason"]
+    assert run.coordinator.round == 2 and run.coordinator.tokens > 0

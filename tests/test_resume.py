@@ -1,0 +1,74 @@
+"""A run stopped mid-round and resumed equals the uninterrupted run: weights and metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atoll.engines.local import LocalEngine
+from atoll.metrics import read_metrics
+from atoll.run import Run
+from atoll.simulate import simulate
+from tests.conftest import small_config
+
+
+class Crash(Exception):
+    """Stands for the coordinator process being killed."""
+
+
+class CrashingEngine(LocalEngine):
+    """A local engine that dies in round ``at`` after the first site has trained."""
+
+    def __init__(self, sites, at: int) -> None:
+        super().__init__(sites)
+        self.at = at
+
+    def exchange(self, plans, deadline_s=0.0):
+        for i, reply in enumerate(super().exchange(plans, deadline_s)):
+            if reply.round == self.at and i == 1:
+                raise Crash
+            yield reply
+
+
+WALL_CLOCK = {"seconds", "compute_seconds"}
+BYTES = {"bytes_up", "bytes_down"}
+
+
+def comparable(records):
+    """Metrics without wall-clock fields (they differ between any two runs) and byte counts
+    (a message header carries the site's timings, whose printed length varies)."""
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK | BYTES} for r in records]
+
+
+def assert_bytes_close(a, b, slack=64):
+    for ra, rb in zip(a, b, strict=True):
+        for k in BYTES & ra.keys():
+            assert abs(ra[k] - rb[k]) <= slack * max(1, len(ra.get("sites", [1]))), (k, ra, rb)
+
+
+@pytest.mark.parametrize("outer", [{"lr": 0.7, "momentum": 0.9, "nesterov": True}])
+def test_resume_equals_uninterrupted(demo_data, tmp_path, outer):
+    cfg = small_config(demo_data, ["code", "scripture", "speeches"], outer=outer,
+                       federation={"rounds": 4, "steps_per_round": 3, "sites_per_round": 2},
+                       baseline={"kinds": ["data_parallel"]})
+    straight = simulate(cfg, tmp_path / "straight", report=False)
+
+    from atoll.federation.site import Site
+
+    out = tmp_path / "crashed"
+    run = Run(cfg, out)
+    sites = [Site(s.name, s.data, out / "sites" / s.name) for s in cfg.sites]
+    with pytest.raises(Crash):
+        run.execute(CrashingEngine(sites, at=3))
+    assert run.checkpoints()[-1] == 2  # round 3 never closed
+
+    resumed = simulate(cfg, out, resume=True, report=False)
+    for n, w in straight.coordinator.weights.items():
+        assert torch.equal(w, resumed.coordinator.weights[n]), n
+    for a, b in zip(straight.baselines, resumed.baselines, strict=True):
+        for (n, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+            assert torch.equal(p, q), n
+    resumed_metrics = read_metrics(out / "metrics.jsonl")
+    straight_metrics = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert comparable(resumed_metrics) == comparable(straight_metrics)
+    assert_bytes_close(resumed_metrics, straight_metrics)
