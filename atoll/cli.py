@@ -160,8 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Positional overrides may land in `config` when only overrides are given with --resume.
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (argparse leaves those over) or, with
+    # --resume, land in the CONFIG slot.
+    if any(not ("=" in e and not e.startswith("-")) for e in extra) or \
+            (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith(".toml"):
         args.overrides = [args.config, *args.overrides]
         args.config = None

@@ -40,15 +40,16 @@ def _llama(hidden: int, layers: int, heads: int, ffn: int, kv_heads: int | None 
     return make
 
 
-# name -> config factory taking the tokenizer's vocabulary size. Sizes are for a 32k vocab.
+# name -> config factory taking the tokenizer's vocabulary size. Parameter counts are with the
+# byte-level vocabulary (tiny, small) or a 32k vocabulary (the rest).
 PRESETS: dict[str, Callable[[int], LlamaConfig]] = {
-    "tiny": _llama(hidden=128, layers=4, heads=4, ffn=512, context=1024),  # ~1M, CPU demo
-    "small": _llama(hidden=256, layers=6, heads=8, ffn=768, context=1024),  # ~5M + embeddings
-    "20m": _llama(hidden=384, layers=8, heads=6, ffn=1024),
-    "125m": _llama(hidden=768, layers=12, heads=12, ffn=2048),
-    "350m": _llama(hidden=1024, layers=24, heads=16, ffn=2816),
-    "1b": _llama(hidden=2048, layers=16, heads=32, ffn=5632, kv_heads=8),
-    "7b": _llama(hidden=4096, layers=32, heads=32, ffn=11008, context=4096),
+    "tiny": _llama(hidden=128, layers=4, heads=4, ffn=512, context=1024),  # 1.1M: CPU demo
+    "small": _llama(hidden=256, layers=6, heads=8, ffn=768, context=1024),  # 5.3M
+    "60m": _llama(hidden=512, layers=8, heads=8, ffn=1408),  # 58M
+    "125m": _llama(hidden=768, layers=12, heads=12, ffn=2048),  # 134M
+    "350m": _llama(hidden=1024, layers=24, heads=16, ffn=2816),  # 374M
+    "1b": _llama(hidden=2048, layers=22, heads=32, ffn=5632, kv_heads=4),  # 1.1B
+    "7b": _llama(hidden=4096, layers=32, heads=32, ffn=11008, context=4096),  # 6.7B
 }
 
 
@@ -57,7 +58,7 @@ class ModelConfig:
     """Which causal LM a run trains."""
 
     preset: str = "tiny"
-    """A preset name (tiny, small, 20m, 125m, 350m, 1b, 7b); ignored when ``path`` is set."""
+    """A preset name (tiny, small, 60m, 125m, 350m, 1b, 7b); ignored when ``path`` is set."""
     path: str = ""
     """A local ``config.json`` or Hugging Face model directory to use instead of a preset."""
     pretrained: bool = False
@@ -109,6 +110,9 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path
     """
     import shutil
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one file for a small model: the bar is noise
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""The command line end to end: simulate writes a complete run folder; resume and report."""
+
+from __future__ import annotations
+
+import json
+
+from safetensors.torch import load_file
+
+from atoll.cli import main
+from atoll.metrics import read_metrics
+
+
+def test_simulate_resume_report(demo_data, tmp_path, capsys):
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text(f"""
+name = "cli"
+threads = 1
+[data]
+seq_len = 64
+[inner]
+batch_size = 4
+warmup_steps = 1
+[federation]
+rounds = 2
+steps_per_round = 2
+[eval]
+max_batches = 1
+[baseline]
+kinds = ["data_parallel", "sequential"]
+[[sites]]
+name = "code"
+data = "{demo_data['code']}"
+[[sites]]
+name = "speeches"
+data = "{demo_data['speeches']}"
+""")
+    out = tmp_path / "run"
+    assert main(["simulate", str(cfg), "--out", str(out), "inner.lr=0.002"]) == 0
+    for name in ("config.toml", "metrics.jsonl", "run.json", "report.html", "model/config.json",
+                 "model/model.safetensors", "model/tokenizer.json", "plots/bytes_on_wire.png",
+                 "plots/site_tokens.png", "checkpoints/round-00002/coordinator/state.json"):
+        assert (out / name).exists(), name
+    assert "lr = 0.002" in (out / "config.toml").read_text()
+    records = read_metrics(out / "metrics.jsonl")
+    runs = {r["run"] for r in records}
+    assert runs == {"federation", "baseline:data_parallel", "baseline:sequential"}
+    rounds = {r["run"]: r for r in records if r["kind"] == "round" and r["round"] == 2}
+    # equal tokens: each baseline is level with the federation
+    assert rounds["baseline:data_parallel"]["tokens"] == rounds["federation"]["tokens"]
+    assert rounds["baseline:sequential"]["tokens"] == rounds["federation"]["tokens"]
+    assert rounds["baseline:sequential"]["step"] == 2 * rounds["baseline:data_parallel"]["step"]
+    summary = capsys.readouterr().out
+    assert "baseline:data_parallel" in summary and "speeches" in summary
+
+    weights = load_file(out / "model" / "model.safetensors")
+    assert main(["simulate", "--resume", str(out)]) == 0  # finished: nothing more to do
+    again = load_file(out / "model" / "model.safetensors")
+    assert all((weights[k] == again[k]).all() for k in weights)
+    assert len(read_metrics(out / "metrics.jsonl")) == len(records)
+
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
+    assert json.loads((out / "run.json").read_text())["name"] == "cli"
+
+
+def test_existing_run_folder_is_not_overwritten(demo_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text('{"run_id": "x"}')
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text(f'[[sites]]\nname = "a"\ndata = "{demo_data["code"]}"\n')
+    assert main(["simulate", str(cfg), "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "run.json").read_text() == '{"run_id": "x"}'
