@@ -39,6 +39,10 @@ def plot_validation(records: list[dict], path: Path) -> None:
                             label=f"{d} ({run})", marker="o" if run == FEDERATION else None,
                             markersize=3)
             colors.setdefault(d, line.get_color())
+    later = [v for r in records if r["kind"] == "round" and r["round"] > 0 and r.get("val_loss")
+             for v in r["val_loss"].values()]
+    if later:  # the untrained model's loss would flatten everything after it
+        ax.set_ylim(min(later) * 0.97, max(later) * 1.05)
     ax.set_xlabel("tokens trained (millions)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Validation loss per domain: federation vs centralised")
