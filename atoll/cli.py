@@ -125,6 +125,53 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from atoll.deploy.keys import make_keys
+
+    sites = [s for s in (args.sites or "").split(",") if s]
+    hosts = [h for h in (args.hosts or "").split(",") if h]
+    written = make_keys(args.dir, sites, hosts)
+    print(f"{args.dir}: {', '.join(written) or 'nothing new'}")
+    print("give the coordinator the whole directory; give each site ca.crt and its own "
+          "sites/NAME (keep ca.key and the private keys secret)")
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from atoll.deploy.coordinator import CoordinatorOptions, serve
+
+    if bool(args.config) == bool(args.resume):
+        return _fail("coordinator: give a CONFIG.toml with --out DIR, or --resume DIR")
+    out = Path(args.resume or args.out or "")
+    if not args.resume and not args.out:
+        return _fail("coordinator: --out DIR is required")
+    opts = CoordinatorOptions(out=out, config=Path(args.config) if args.config else None,
+                              overrides=tuple(args.overrides), host=args.host, port=args.port,
+                              keys=Path(args.keys) if args.keys else None,
+                              insecure=args.insecure, resume=bool(args.resume),
+                              public_address=args.public_address or "")
+    return serve(opts)
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from atoll.deploy.site import SiteOptions, serve
+
+    opts = SiteOptions(coordinator=args.coordinator, data=Path(args.data), name=args.name or "",
+                       keys=Path(args.keys) if args.keys else None,
+                       key=Path(args.key) if args.key else None,
+                       ca=Path(args.ca) if args.ca else None, insecure=args.insecure,
+                       state=Path(args.state) if args.state else None, threads=args.threads,
+                       fault=args.fault or "")
+    return serve(opts)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from atoll.status import format_status, read_status
+
+    print(format_status(read_status(args.run_dir)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atoll", description="Federated pre-training of language "
                                 "models across islands of compute and data.")
@@ -156,6 +203,43 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="(re)write report.html of a run folder")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
+
+    k = sub.add_parser("keys", help="create the TLS certificates and site keys of a federation")
+    k.add_argument("dir", help="keys directory (created; existing keys are kept)")
+    k.add_argument("--sites", help="comma-separated site names to make keys for")
+    k.add_argument("--hosts", help="comma-separated names/IPs the coordinator is reached at")
+    k.set_defaults(func=cmd_keys)
+
+    c = sub.add_parser("coordinator", help="run a federation's coordinator (Flower SuperLink)")
+    c.add_argument("config", nargs="?", help="run config (TOML)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides")
+    c.add_argument("--out", help="run folder")
+    c.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    c.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    c.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    c.add_argument("--keys", help="keys directory made by `atoll keys`")
+    c.add_argument("--public-address", help="HOST:PORT sites use to reach this machine")
+    c.add_argument("--insecure", action="store_true",
+                   help="no TLS, no authentication (loopback development only)")
+    c.set_defaults(func=cmd_coordinator)
+
+    t = sub.add_parser("site", help="join a federation as a site (Flower SuperNode)")
+    t.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    t.add_argument("--data", required=True, help="this site's data, made by atoll prepare")
+    t.add_argument("--name", help="site name (default: the data directory's name)")
+    t.add_argument("--keys", help="keys directory (uses ca.crt and sites/NAME)")
+    t.add_argument("--key", help="this site's private key file")
+    t.add_argument("--ca", help="the federation's ca.crt")
+    t.add_argument("--state", help="where the site keeps its state (default ./atoll-state/NAME)")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    t.add_argument("--insecure", action="store_true",
+                   help="no TLS, no authentication (loopback development only)")
+    t.add_argument("--fault", help=argparse.SUPPRESS)  # testing: stale | garbage | nan
+    t.set_defaults(func=cmd_site)
+
+    st = sub.add_parser("status", help="where a run stands: sites, round, reports, losses")
+    st.add_argument("run_dir")
+    st.set_defaults(func=cmd_status)
     return p
 
 
@@ -177,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, StateError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, StateError, FileExistsError, FileNotFoundError,
+            ValueError, RuntimeError, TimeoutError) as e:
+        if os.environ.get("ATOLL_DEBUG"):
+            raise
         return _fail(str(e))
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume (the last finished round is kept)",

@@ -27,6 +27,7 @@ from atoll.metrics import MetricsLog, read_metrics
 from atoll.model import export
 from atoll.progress import Progress
 from atoll.run_config import RunConfig
+from atoll.status import StatusBoard
 from atoll.storage import load_state, save_state
 from atoll.tokenizer import load_tokenizer
 from atoll.train.centralised import CentralisedBaseline
@@ -61,6 +62,7 @@ class Run:
         self.bytes_up = self.bytes_down = 0
         if resume:
             self._resume()
+        self.status = StatusBoard(self.out, cfg.federation.rounds)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -80,7 +82,8 @@ class Run:
 
     def _eval_sets(self) -> dict[str, list[torch.Tensor]]:
         e = self.cfg.eval
-        sets = [(s.name, s.data) for s in e.sets] or [(s.name, s.data) for s in self.cfg.sites]
+        sets = [(s.name, s.data) for s in e.sets] or [
+            (s.name, s.data) for s in self.cfg.sites if s.data and Path(s.data).is_dir()]
         out = {}
         for name, data in sets:
             ds = TokenDataset(data, "val", self.cfg.data.seq_len)
@@ -106,7 +109,8 @@ class Run:
             self._evaluate_and_log(0, None, 0.0)
         while self.coordinator.round < rounds:
             start = time.perf_counter()
-            report = run_round(self.coordinator, engine)
+            report = run_round(self.coordinator, engine, self.status.round_started,
+                               self.status.reported)
             self._record(report, time.perf_counter() - start)
 
     def _record(self, report: RoundReport, seconds: float) -> None:
@@ -134,14 +138,17 @@ class Run:
         due = r == 0 or r % self.cfg.eval.every == 0 or r == self.cfg.federation.rounds
         fed_val = self.evaluate(self.coordinator.weights) if due else None
         out = report.outcome if report else None
-        self.metrics.write({
+        record = {
             "kind": "round", "run": FEDERATION, "round": r, "tokens": self.coordinator.tokens,
             "step": self.coordinator.step, "train_loss": out.train_loss if out else None,
             "val_loss": fed_val, "sites": out.accepted if out else [],
             "rejected": out.rejected if out else {},
             "bytes_up": sum(u.bytes_up for u in report.replies) if report else 0,
             "bytes_down": sum(u.bytes_down for u in report.replies) if report else 0,
-            "seconds": seconds})
+            "seconds": seconds}
+        self.metrics.write(record)
+        if r > 0:
+            self.status.round_closed(record)
         line = f"round {r}/{self.cfg.federation.rounds}"
         if out:
             train = out.train_loss if out.train_loss is not None else float("nan")
@@ -220,7 +227,9 @@ class Run:
     def finish(self) -> Path:
         """Export the global model in Hugging Face format to ``out/model``."""
         self.load_weights(self.coordinator.weights)
-        return export(self.model, self.tokenizer, self.out / "model")
+        path = export(self.model, self.tokenizer, self.out / "model")
+        self.status.finished()
+        return path
 
     def final_losses(self) -> dict[str, dict[str, float]]:
         """Last validation losses per run (federation, baselines) from the metrics."""

@@ -24,8 +24,10 @@ class SiteConfig:
     """One site of a simulated federation."""
 
     name: str
-    data: str
-    """A directory made by ``atoll prepare`` (relative paths: to the config file)."""
+    data: str = ""
+    """A directory made by ``atoll prepare`` (relative paths: to the config file). In a real
+    federation the data stays on the site's machine: there, ``[[sites]]`` only names the
+    sites allowed to take part, and ``data`` is left out."""
 
     def check(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ \t"):
@@ -94,6 +96,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class CommConfig:
+    """How updates and weights move between machines (Flower engine)."""
+
+    store: str = ""
+    """fsspec URL prefix of an object store for payloads (empty = inside Flower messages)."""
+
+    def check(self) -> None:
+        if self.store and "://" not in self.store:
+            raise ValueError(f"comm.store must be a URL such as file:///data/atoll or "
+                             f"s3://bucket/prefix, got {self.store!r}")
+
+
+@dataclass
 class RunConfig:
     """Everything a federated run needs, from the model to the sites."""
 
@@ -111,16 +126,15 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     sites: list[SiteConfig] = field(default_factory=list)
 
     def check(self) -> None:
-        if not self.sites:
-            raise ValueError("no [[sites]]: a federation needs at least one site")
         names = [s.name for s in self.sites]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"site name {sorted(dup)[0]!r} is used twice")
-        if self.federation.sites_per_round > len(self.sites):
+        if self.sites and self.federation.sites_per_round > len(self.sites):
             raise ValueError(f"federation.sites_per_round={self.federation.sites_per_round} > "
                              f"{len(self.sites)} sites")
 
@@ -133,21 +147,26 @@ class RunConfig:
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
-                    base: str | os.PathLike | None = None) -> RunConfig:
+                    base: str | os.PathLike | None = None, simulation: bool = True
+                    ) -> RunConfig:
     """Load a run config; relative paths are taken relative to ``base`` (default: the
-    config file's directory)."""
+    config file's directory). A ``simulation`` needs every site's data on this machine."""
     cfg = load(RunConfig, path, overrides)
     if base is None:
         base = Path(path).resolve().parent if path is not None else Path.cwd()
     base = Path(base)
+    if simulation and not cfg.sites:
+        raise ConfigError(f"{path}: no [[sites]]: a simulated federation needs at least one")
     for item in [*cfg.sites, *cfg.eval.sets]:
-        item.data = str((base / item.data).resolve())
+        if item.data:
+            item.data = str((base / item.data).resolve())
     if cfg.tokenizer:
         cfg.tokenizer = str((base / cfg.tokenizer).resolve())
     if cfg.model.path:
         cfg.model.path = str((base / cfg.model.path).resolve())
-    for item in [*cfg.sites, *cfg.eval.sets]:
-        if not Path(item.data).is_dir():
+    must_exist = [*cfg.sites, *cfg.eval.sets] if simulation else cfg.eval.sets
+    for item in must_exist:
+        if not item.data or not Path(item.data).is_dir():
             raise ConfigError(f"{path}: data directory {item.data} of '{item.name}' does not "
                               f"exist (make it with atoll prepare)")
     return cfg

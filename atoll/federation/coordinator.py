@@ -34,6 +34,8 @@ class FederationConfig:
     """Sample this many of the available sites each round (0 = all)."""
     deadline_s: float = 0.0
     """Close a round this many seconds after it opened, with whoever reported (0 = wait)."""
+    min_sites: int = 1
+    """Do not open a round before this many sites are connected (Flower engine)."""
 
     def check(self) -> None:
         if self.rounds < 1:
@@ -43,6 +45,8 @@ class FederationConfig:
                              "must be >= 0")
         if self.steps_per_round == 0 and self.time_budget_s == 0:
             raise ValueError("set federation.steps_per_round or federation.time_budget_s")
+        if self.min_sites < 1:
+            raise ValueError(f"federation.min_sites must be at least 1, got {self.min_sites}")
         if self.deadline_s < 0:
             raise ValueError(f"federation.deadline_s must be >= 0, got {self.deadline_s}")
 

@@ -85,28 +85,50 @@ class WireError(ValueError):
 _TENSOR_FIELD = {RoundPlan: "weights", SiteUpdate: "delta"}
 
 
-def to_bytes(msg: RoundPlan | SiteUpdate) -> bytes:
-    """Serialize a plan or an update into one safetensors blob."""
+def header(msg: RoundPlan | SiteUpdate) -> dict[str, Any]:
+    """The non-tensor fields of a message, tagged with its type and the wire version."""
     tensor_field = _TENSOR_FIELD[type(msg)]
-    meta = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)
-            if f.name != tensor_field}
-    header = {"atoll": json.dumps({"v": WIRE_VERSION, "type": type(msg).__name__, **meta})}
-    tensors = {k: v.contiguous() for k, v in getattr(msg, tensor_field).items()}
-    return st_save(tensors, metadata=header)
+    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)
+              if f.name != tensor_field}
+    return {"v": WIRE_VERSION, "type": type(msg).__name__, **fields}
+
+
+def tensors(msg: RoundPlan | SiteUpdate) -> dict[str, torch.Tensor]:
+    return getattr(msg, _TENSOR_FIELD[type(msg)])
+
+
+def tensor_bytes(named: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors blob of ``named`` (the same weights give the same bytes)."""
+    return st_save({k: v.contiguous() for k, v in named.items()})
+
+
+def to_bytes(msg: RoundPlan | SiteUpdate) -> bytes:
+    """Serialize a plan or an update into one safetensors blob (header in its metadata)."""
+    contiguous = {k: v.contiguous() for k, v in tensors(msg).items()}
+    return st_save(contiguous, metadata={"atoll": json.dumps(header(msg))})
 
 
 def from_bytes(blob: bytes, expect: type) -> Any:
     """Decode what :func:`to_bytes` wrote; raises :class:`WireError` on anything else."""
     try:
-        tensors = st_load(blob)
-        header = json.loads(_metadata(blob)["atoll"])
-    except (SafetensorError, KeyError, ValueError, TypeError) as e:
+        head = json.loads(_metadata(blob)["atoll"])
+    except (KeyError, ValueError, TypeError) as e:
         raise WireError(f"not an atoll message ({type(e).__name__}: {e})") from None
-    if header.pop("v", None) != WIRE_VERSION or header.pop("type", None) != expect.__name__:
-        raise WireError(f"expected a {expect.__name__} (wire v{WIRE_VERSION})")
-    header[_TENSOR_FIELD[expect]] = tensors
+    return from_parts(head, blob, expect)
+
+
+def from_parts(head: dict[str, Any], blob: bytes, expect: type) -> Any:
+    """A message from its header and a safetensors blob of its tensors."""
     try:
-        return expect(**header)
+        named = st_load(blob)
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise WireError(f"not an atoll message ({type(e).__name__}: {e})") from None
+    head = dict(head)
+    if head.pop("v", None) != WIRE_VERSION or head.pop("type", None) != expect.__name__:
+        raise WireError(f"expected a {expect.__name__} (wire v{WIRE_VERSION})")
+    head[_TENSOR_FIELD[expect]] = named
+    try:
+        return expect(**head)
     except TypeError as e:
         raise WireError(f"malformed {expect.__name__}: {e}") from None
 

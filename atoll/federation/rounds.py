@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from atoll.federation.coordinator import Coordinator, RoundOutcome
@@ -17,18 +18,30 @@ class RoundReport:
     failures: list[SiteFailure] = field(default_factory=list)
 
 
-def run_round(coordinator: Coordinator, engine: Engine) -> RoundReport:
-    """One round of DiLoCo: every reply is checked; one bad site never stops the others."""
+def run_round(coordinator: Coordinator, engine: Engine,
+              on_open: Callable[[int, list[str]], None] | None = None,
+              on_reply: Callable[[str, bool, str], None] | None = None) -> RoundReport:
+    """One round of DiLoCo: every reply is checked; one bad site never stops the others.
+
+    ``on_open(round, sites)`` and ``on_reply(site, accepted, detail)`` let a caller show
+    progress (the run's status board)."""
     sites = coordinator.select(engine.available_sites())
     plans = coordinator.open_round(sites)
+    if on_open is not None:
+        on_open(coordinator.round + 1, sites)
     replies, failures = [], []
     for reply in engine.exchange(plans, coordinator.cfg.deadline_s):
         if isinstance(reply, SiteFailure):
             coordinator.reject(reply.site, reply.reason)
             failures.append(reply)
+            if on_reply is not None:
+                on_reply(reply.site, False, reply.reason)
             continue
-        coordinator.accept(reply)  # a rejection is recorded in the outcome with its reason
+        reason = coordinator.accept(reply)  # a rejection is recorded in the outcome
         replies.append(reply)
+        if on_reply is not None:
+            on_reply(reply.site, reason is None,
+                     reason or f"loss {reply.train_loss:.4f}, {reply.tokens} tokens")
     planned = set(plans)
     answered = {r.site for r in replies} | {f.site for f in failures}
     for site in sorted(planned - answered):

@@ -1,0 +1,1 @@
+"""Running a real federation: keys and certificates, the coordinator and site processes."""

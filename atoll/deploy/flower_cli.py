@@ -1,0 +1,138 @@
+"""Driving Flower's own programs: ``flower-superlink``, ``flower-supernode`` and ``flwr``.
+
+atoll starts the real Flower processes (Deployment Engine) and talks to them only through
+their command lines, so any Flower 1.42 installation behaves as Flower documents it. Each
+process runs in its own process group so that stopping it also stops the helpers it spawns
+(SuperExec, ServerApp and ClientApp processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+APP_NAME = "atoll"
+CONNECTION = "atoll"
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process: its own FLWR_HOME, no telemetry, no update check."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # the app's code is atoll itself, already installed: never `uv sync` a new venv
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+        "PYTHONUNBUFFERED": "1",
+        # Flower starts its helpers (flower-superexec, flwr-clientapp) by name
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    })
+    return env
+
+
+def tool(name: str) -> str:
+    """The path of a Flower program installed beside this Python."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None
+                  ) -> None:
+    """Block until something accepts TCP connections on ``host:port``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with status {proc.returncode} before "
+                               f"listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``cmd`` in a new process group, output appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+
+def stop(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+    """SIGINT the process group (Flower shuts down cleanly on it), SIGKILL after ``grace_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def write_connection(flwr_home: Path, address: str, ca: Path | None) -> None:
+    """The ``flwr`` CLI's connection to our SuperLink (``$FLWR_HOME/config.toml``)."""
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f'address = "{address}"']
+    lines.append(f'root-certificates = "{ca.resolve()}"' if ca else "insecure = true")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def write_app(app_dir: Path) -> Path:
+    """A Flower App whose code is the installed ``atoll`` package: the FAB is this one file."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(f"""[project]
+name = "{APP_NAME}"
+version = "1.0.0"
+description = "atoll federated pre-training"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "atoll"
+
+[tool.flwr.app.components]
+serverapp = "atoll.engines.flower_app:server_app"
+clientapp = "atoll.engines.flower_app:client_app"
+
+[tool.flwr.app.config]
+config = ""
+out = ""
+resume = false
+""")
+    return app_dir
+
+
+def flwr(args: list[str], env: dict[str, str], timeout_s: float = 120
+         ) -> subprocess.CompletedProcess:
+    """Run the ``flwr`` CLI; raises RuntimeError with its output when it fails."""
+    res = subprocess.run([tool("flwr"), *args], env=env, capture_output=True, text=True,
+                         timeout=timeout_s)
+    if res.returncode != 0:
+        msg = (res.stdout + res.stderr).strip().splitlines()
+        raise RuntimeError(f"flwr {args[0]} failed: {msg[-1] if msg else res.returncode}")
+    return res
+
+
+def flwr_json(args: list[str], env: dict[str, str]) -> dict:
+    res = flwr([*args, "--format", "json"], env)
+    return json.loads(res.stdout[res.stdout.index("{"):])

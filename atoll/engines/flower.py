@@ -1,0 +1,176 @@
+"""The Flower engine: RoundPlans to SuperNodes and SiteUpdates back, over Flower's Grid.
+
+Runs inside the ServerApp process on the coordinator host. A site is a SuperNode; its name
+is the one its public key was registered under (authenticated federations) or, in insecure
+development mode, the name it reports when first asked (a ``query.hello`` message).
+
+The global weights of a round are serialized once and shared by every site's message
+(Flower stores identical objects once; an object store is written once per round). Replies
+are pulled as they arrive; Flower's error replies (node gone, ClientApp crashed) and
+undecodable payloads become :class:`SiteFailure`; whoever has not answered by the deadline
+is reported as failed and the round closes without them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from atoll.engines.transport import pack, unpack
+from atoll.federation.protocol import (
+    RoundPlan,
+    SiteFailure,
+    SiteUpdate,
+    WireError,
+    from_parts,
+    header,
+    tensor_bytes,
+)
+
+HELLO = "query.hello"
+TRAIN = "train"
+
+
+def plan_message(payload: RecordDict, plan: RoundPlan, store: str) -> RecordDict:
+    """A site's train message: the shared weights payload plus this site's plan header."""
+    content = RecordDict({"plan": ConfigRecord({"header": json.dumps(header(plan)),
+                                                "store": store})})
+    for name, rec in payload.array_records.items():
+        content[name] = rec
+    content["meta"] = payload.config_records["meta"]
+    return content
+
+
+class FlowerEngine:
+    """:class:`~atoll.federation.protocol.Engine` over a Flower ``Grid``."""
+
+    def __init__(self, grid: Grid, *, store: str = "", min_sites: int = 1,
+                 allowed: set[str] | None = None, poll_s: float = 0.2,
+                 log: Callable[[str], None] = print,
+                 on_sites: Callable[[dict[str, int]], None] | None = None) -> None:
+        self.grid = grid
+        self.store = store
+        self.min_sites = min_sites
+        self.allowed = allowed or None
+        self.poll_s = poll_s
+        self.log = log
+        self.on_sites = on_sites
+        self.names: dict[int, str] = {}  # node id -> site name, as learned
+        self.nodes: dict[str, int] = {}  # site name -> node id, online now
+        self._last_seen: set[str] = set()
+
+    # -- membership ----------------------------------------------------------------------
+
+    def available_sites(self) -> list[str]:
+        """Online sites; waits until at least ``min_sites`` are there."""
+        waited = False
+        while True:
+            self._refresh()
+            if len(self.nodes) >= self.min_sites:
+                return sorted(self.nodes)
+            if not waited:
+                self.log(f"waiting for sites: {len(self.nodes)}/{self.min_sites} connected")
+                waited = True
+            time.sleep(2.0)
+
+    def _refresh(self) -> None:
+        online = {n.node_id: n.name for n in self.grid.get_nodes() if n.status == "online"}
+        unknown = [nid for nid, name in online.items() if not name and nid not in self.names]
+        if unknown:
+            self._hello(unknown)
+        nodes: dict[str, int] = {}
+        for nid, registered in sorted(online.items()):
+            name = registered or self.names.get(nid)
+            if not name:
+                continue
+            if self.allowed is not None and name not in self.allowed:
+                continue
+            if name in nodes:
+                self.log(f"two online nodes claim site name {name!r}; ignoring node {nid}")
+                continue
+            nodes[name] = nid
+        self.nodes = nodes
+        if set(nodes) != self._last_seen:
+            joined = sorted(set(nodes) - self._last_seen)
+            left = sorted(self._last_seen - set(nodes))
+            if joined:
+                self.log(f"sites joined: {', '.join(joined)}")
+            if left:
+                self.log(f"sites left: {', '.join(left)}")
+            self._last_seen = set(nodes)
+            if self.on_sites is not None:
+                self.on_sites(dict(nodes))
+
+    def _hello(self, node_ids: list[int], timeout_s: float = 30.0) -> None:
+        """Ask nodes without a registered name for the name they serve under."""
+        msgs = [Message(RecordDict(), dst_node_id=nid, message_type=HELLO, group_id="hello")
+                for nid in node_ids]
+        for nid, reply in self._push_pull(msgs, timeout_s):
+            if reply is not None and not reply.has_error():
+                self.names[nid] = str(reply.content.config_records["site"]["name"])
+
+    # -- a round -------------------------------------------------------------------------
+
+    def exchange(self, plans: dict[str, RoundPlan], deadline_s: float = 0.0
+                 ) -> Iterator[SiteUpdate | SiteFailure]:
+        if not plans:
+            return
+        first = next(iter(plans.values()))
+        weights = tensor_bytes(first.weights)  # the same for every site: serialized once
+        key = f"{first.run_id}/round-{first.round:05d}/global.safetensors"
+        payload = pack(weights, self.store, key)
+        msgs, sites = [], []
+        for site, plan in plans.items():
+            if site not in self.nodes:
+                yield SiteFailure(site, plan.round, "not connected")
+                continue
+            msgs.append(Message(plan_message(payload, plan, self.store),
+                                dst_node_id=self.nodes[site], message_type=TRAIN,
+                                group_id=str(plan.round)))
+            sites.append(site)
+        by_node = {self.nodes[s]: s for s in sites}
+        down = {s: len(weights) + len(json.dumps(header(plans[s]))) for s in sites}
+        for nid, reply in self._push_pull(msgs, deadline_s):
+            site = by_node[nid]
+            r = plans[site].round
+            if reply is None:
+                yield SiteFailure(site, r, f"no reply within the {deadline_s:.0f}s deadline")
+            elif reply.has_error():
+                yield SiteFailure(site, r, f"Flower error {reply.error.code}: "
+                                           f"{reply.error.reason}")
+            else:
+                try:
+                    head = json.loads(str(reply.content.config_records["update"]["header"]))
+                    blob = unpack(reply.content)
+                    update = from_parts(head, blob, SiteUpdate)
+                except (WireError, KeyError, ValueError, TypeError) as e:
+                    yield SiteFailure(site, r, f"undecodable reply: {e}")
+                    continue
+                update.bytes_down = down[site]
+                update.bytes_up = len(blob) + len(json.dumps(head))
+                yield update
+
+    def _push_pull(self, msgs: list[Message], timeout_s: float
+                   ) -> Iterator[tuple[int, Message | None]]:
+        """Push ``msgs``; yield (node id, reply) as replies arrive, (node id, None) for those
+        still missing after ``timeout_s`` (0 = wait until every one has answered)."""
+        ids = list(self.grid.push_messages(msgs))
+        pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs, strict=True) if mid}
+        for mid, m in zip(ids, msgs, strict=True):
+            if not mid:
+                yield m.metadata.dst_node_id, None
+        deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                # Error replies made by the SuperLink come from node 1: map by message id.
+                nid = pending.pop(reply.metadata.reply_to_message_id, None)
+                if nid is not None:
+                    yield nid, reply
+            if pending:
+                time.sleep(self.poll_s)
+        for nid in pending.values():
+            yield nid, None
