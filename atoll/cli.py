@@ -161,7 +161,7 @@ def cmd_site(args: argparse.Namespace) -> int:
                        key=Path(args.key) if args.key else None,
                        ca=Path(args.ca) if args.ca else None, insecure=args.insecure,
                        state=Path(args.state) if args.state else None, threads=args.threads,
-                       fault=args.fault or "")
+                       fault=args.fault or "", max_wait_s=args.max_wait)
     return serve(opts)
 
 
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     t.add_argument("--insecure", action="store_true",
                    help="no TLS, no authentication (loopback development only)")
+    t.add_argument("--max-wait", type=float, default=0.0,
+                   help="give up after this many seconds without a connection (0 = never)")
     t.add_argument("--fault", help=argparse.SUPPRESS)  # testing: stale | garbage | nan
     t.set_defaults(func=cmd_site)
 

@@ -39,6 +39,8 @@ class SiteOptions:
     threads: int = 0
     fault: str = ""
     """Testing only: make this site misbehave (see atoll.federation.faults)."""
+    max_wait_s: float = 0.0
+    """Give up after failing to connect (or being refused) for this long (0 = never)."""
 
     def resolve(self) -> None:
         self.name = self.name or self.data.resolve().name
@@ -69,18 +71,27 @@ def supernode_command(o: SiteOptions, port: int) -> list[str]:
             "--auth-supernode-private-key", str(o.key.resolve())]
 
 
+def _why(log: Path) -> str:
+    """What the SuperNode's log says about why it stopped, in a few words."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    if "[code: 2004]" in text[-3000:] or "[code: 2001]" in text[-3000:]:
+        return "the coordinator does not accept this site's key (not registered there yet?)"
+    if "Failed to initialize the connection" in text[-3000:]:
+        return "the coordinator is not reachable"
+    tail = [line for line in text.strip().splitlines()[-3:] if line.strip()]
+    return " | ".join(tail) or "no output"
+
+
 def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
-    """Run the SuperNode until Ctrl-C (or until it gives up); the process exit status."""
+    """Run the SuperNode until Ctrl-C, restarting it when the coordinator is away (it gives
+    up by itself when refused, e.g. while the coordinator restarts); exit status."""
     o.resolve()
     manifest = load_manifest(o.data)  # fail now, not at the first round, on unprepared data
     rows = manifest["splits"]["train"]["rows"]
     o.state.mkdir(parents=True, exist_ok=True)
     if o.insecure:
         log(INSECURE_WARNING)
-    home = o.state / "flower"
-    env = fc.flower_env(home)
-    port = fc.free_port()
-    proc = fc.start(supernode_command(o, port), o.state / "supernode.log", env)
+    env = fc.flower_env(o.state / "flower")
     log(f"site {o.name}: serving {o.data} ({rows} training rows of {manifest['seq_len']} "
         f"tokens); state in {o.state}")
     log(f"connecting to {o.coordinator} "
@@ -88,20 +99,41 @@ def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
         f"Ctrl-C stops.")
     activity = o.state / "activity.log"
     seen = activity.stat().st_size if activity.exists() else 0
+    supernode_log = o.state / "supernode.log"
+    failing_since: float | None = None
+    backoff = 2.0
+    proc = None
     try:
-        while proc.poll() is None:
-            if activity.exists() and activity.stat().st_size > seen:
-                with open(activity) as f:
-                    f.seek(seen)
-                    for line in f.read().splitlines():
-                        log(line)
-                    seen = f.tell()
-            time.sleep(1.0)
+        while True:
+            started = time.monotonic()
+            supernode_log.unlink(missing_ok=True)
+            proc = fc.start(supernode_command(o, fc.free_port()), supernode_log, env)
+            while proc.poll() is None:
+                seen = _echo_activity(activity, seen, log)
+                time.sleep(1.0)
+            seen = _echo_activity(activity, seen, log)
+            if time.monotonic() - started > 60:  # it had been working: a fresh failure
+                failing_since, backoff = None, 2.0
+            failing_since = failing_since or started
+            why = _why(supernode_log)
+            if o.max_wait_s and time.monotonic() - failing_since > o.max_wait_s:
+                log(f"site {o.name}: giving up after {o.max_wait_s:.0f}s: {why}")
+                return 1
+            log(f"site {o.name}: {why}; trying again in {backoff:.0f}s")
+            time.sleep(backoff)
+            backoff = min(backoff * 1.5, 30.0)
     except KeyboardInterrupt:
         log(f"site {o.name}: stopping")
         fc.stop(proc)
         return 130
-    tail = (o.state / "supernode.log").read_text().strip().splitlines()[-3:]
-    log(f"site {o.name}: the SuperNode exited with status {proc.returncode}: "
-        + " | ".join(tail))
-    return 1
+
+
+def _echo_activity(activity: Path, seen: int, log: Callable[[str], None]) -> int:
+    """Print what the ClientApp appended to the activity log since byte ``seen``."""
+    if activity.exists() and activity.stat().st_size > seen:
+        with open(activity) as f:
+            f.seek(seen)
+            for line in f.read().splitlines():
+                log(line)
+            return f.tell()
+    return seen

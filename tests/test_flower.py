@@ -1,0 +1,145 @@
+"""A real federation on loopback: flower-superlink + flower-supernodes started by `atoll
+coordinator` and `atoll site`, with TLS and site authentication, killed and restarted."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from atoll.deploy.keys import make_keys
+from atoll.metrics import read_metrics
+from atoll.run_config import load_run_config
+from atoll.simulate import simulate
+from tests.flower_harness import Federation, write_config
+
+pytestmark = pytest.mark.slow
+
+SITES = ("code", "scripture", "speeches")
+
+
+@pytest.fixture
+def federation(tmp_path):
+    feds = []
+
+    def make(config, keys=None):
+        fed = Federation(tmp_path, config, keys)
+        feds.append(fed)
+        return fed
+
+    yield make
+    for fed in feds:
+        fed.close()
+
+
+def test_flower_equals_local_engine_and_refuses_strangers(demo_data, tmp_path, federation):
+    """Same config and seed: 1 SuperLink + 3 SuperNodes give the local engine's weights.
+    Weights travel through a file:// object store; a site whose key was never registered
+    is refused."""
+    data = {s: demo_data[s] for s in SITES}
+    store = f"file://{tmp_path / 'store'}"
+    config = write_config(tmp_path / "fed.toml", data, comm={"store": store})
+    keys = tmp_path / "keys"
+    make_keys(keys, list(SITES))
+    stranger_keys = tmp_path / "stranger"  # its own CA-less key: never registered
+    make_keys(stranger_keys, ["code"])
+
+    fed = federation(config, keys)
+    fed.start_coordinator()
+    for s in SITES:
+        fed.start_site(s, data[s])
+    fed.start_site("intruder", demo_data["shakespeare"], "--key",
+                   str(stranger_keys / "sites" / "code"), "--ca", str(keys / "ca.crt"),
+                   "--max-wait", "20")
+    assert fed.wait_finished() == 0, fed.log("coordinator")
+
+    local = simulate(load_run_config(config), tmp_path / "local", report=False)
+    flower = load_file(fed.out / "model" / "model.safetensors")
+    for name, w in local.coordinator.weights.items():
+        torch.testing.assert_close(flower[name], w, rtol=0, atol=1e-5)
+    rounds = fed.rounds()
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(sorted(r["sites"]) == list(SITES) for r in rounds)
+    assert any((tmp_path / "store").rglob("global.safetensors"))  # weights went by the store
+    assert fed.sites["intruder"].wait(timeout=120) != 0  # refused by the SuperLink
+    assert "does not accept this site's key" in fed.log("intruder")
+    assert "intruder" not in str(read_metrics(fed.out / "metrics.jsonl"))
+
+
+def test_site_killed_late_joiner_and_restart(demo_data, tmp_path, federation):
+    """A site killed mid-round: the round closes at its deadline without it and the run goes
+    on; restarted, it rejoins from the current weights. A late site joins the next round."""
+    data = {s: demo_data[s] for s in SITES}
+    config = write_config(tmp_path / "fed.toml", data,
+                          federation={"rounds": 6, "steps_per_round": 40, "min_sites": 2,
+                                      "deadline_s": 25.0})
+    keys = tmp_path / "keys"
+    make_keys(keys, list(SITES))
+    fed = federation(config, keys)
+    fed.start_coordinator()
+    fed.start_site("code", data["code"])
+    fed.start_site("scripture", data["scripture"])
+    fed.wait_round(1)
+    fed.start_site("speeches", data["speeches"])  # joins after the run started
+    fed.wait_for("speeches to take part", lambda: any(
+        "speeches" in r["sites"] for r in fed.rounds()))
+    joined = next(r["round"] for r in fed.rounds() if "speeches" in r["sites"])
+
+    # kill scripture's machine while it trains (its round takes a few seconds)
+    n = len(fed.rounds())
+    fed.wait_for("a round in flight", lambda: (fed.out / "status.json").exists()
+                 and '"training"' in (fed.out / "status.json").read_text())
+    fed.kill(fed.sites["scripture"])
+    killed_round = n + 1
+    fed.wait_round(killed_round)
+    closed = fed.rounds()[killed_round - 1]
+    assert "scripture" not in closed["sites"] and closed["sites"]  # the others went on
+    assert "scripture" in closed["rejected"]
+
+    fed.start_site("scripture", data["scripture"])  # same key, same state directory
+    assert fed.wait_finished(timeout_s=400) == 0, fed.log("coordinator")
+    rounds = fed.rounds()
+    assert [r["round"] for r in rounds] == list(range(1, 7))
+    assert "speeches" not in rounds[0]["sites"] and joined >= 2
+    back = [r["round"] for r in rounds if r["round"] > killed_round and "scripture" in r["sites"]]
+    assert back, "the restarted site never took part again"
+    # it trained from the schedule position the coordinator gave it
+    steps = {r["round"]: r["step"] for r in rounds}
+    assert steps[6] == 6 * 40
+
+
+def test_coordinator_crash_resume_and_bad_sites(demo_data, tmp_path, federation):
+    """The coordinator machine dies mid-run and comes back with --resume: it continues from
+    its checkpoint while the sites keep running. A site that sends garbage and one that
+    sends stale-round updates are rejected with reasons; the others are unaffected."""
+    data = {s: demo_data[s] for s in SITES}
+    config = write_config(tmp_path / "fed.toml", data,
+                          federation={"rounds": 5, "steps_per_round": 3, "min_sites": 4,
+                                      "deadline_s": 60.0})
+    keys = tmp_path / "keys"
+    make_keys(keys, [*SITES, "garbler", "laggard"])
+    fed = federation(config, keys)
+    fed.start_coordinator()
+    for s in SITES[:2]:
+        fed.start_site(s, data[s])
+    fed.start_site("garbler", data["speeches"], "--fault", "garbage")
+    fed.start_site("laggard", data["speeches"], "--fault", "stale")
+    fed.wait_round(2)
+    fed.kill(fed.coordinator)  # SuperLink and ServerApp die with it
+    done_before = len(fed.rounds())
+    time.sleep(3)
+    fed.start_coordinator(resume=True)
+    assert fed.wait_finished(timeout_s=400) == 0, fed.log("coordinator")
+
+    rounds = fed.rounds()
+    assert [r["round"] for r in rounds] == list(range(1, 6))  # nothing lost, nothing twice
+    assert done_before >= 2
+    for r in rounds:
+        assert sorted(r["sites"]) == ["code", "scripture"]
+        assert "undecodable" in r["rejected"]["garbler"]
+        assert "stale" in r["rejected"]["laggard"]
+    sites = [r for r in read_metrics(fed.out / "metrics.jsonl") if r["kind"] == "site"]
+    assert {r["site"] for r in sites if r["accepted"]} == {"code", "scripture"}
+    assert (fed.out / "model" / "model.safetensors").exists()
