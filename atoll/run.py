@@ -48,6 +48,7 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_run_folder(self.out)
         self.run_id = self._identity(resume)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.model = cfg.model.build(self.tokenizer, seed=cfg.seed)
@@ -238,6 +239,25 @@ class Run:
             if rec["kind"] == "round" and rec.get("val_loss"):
                 last[rec["run"]] = rec["val_loss"]
         return last
+
+
+def _lock_run_folder(out: Path, wait_s: float = 120.0) -> object:
+    """Hold an exclusive lock on the run folder for this process's lifetime.
+
+    A coordinator that died abruptly can leave its ServerApp process alive for a few seconds;
+    a resumed one waits for it to go rather than have two writers in one folder."""
+    import fcntl
+
+    handle = open(out / ".lock", "w")  # noqa: SIM115 - held until the process exits
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{out} is in use by another atoll process") from None
+            time.sleep(1.0)
 
 
 def _mean(d: dict[str, float]) -> float:

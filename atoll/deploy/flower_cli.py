@@ -67,22 +67,25 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
 
 
 def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start ``cmd`` in a new process group, output appended to ``log``."""
+    """Start ``cmd`` with output appended to ``log``.
+
+    It stays in our process group, so whatever takes down the atoll command (Ctrl-C in its
+    terminal, the machine's supervisor killing the group) takes the Flower process too.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def stop(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
-    """SIGINT the process group (Flower shuts down cleanly on it), SIGKILL after ``grace_s``."""
+    """SIGINT (Flower shuts down cleanly on it, with its helpers), SIGKILL after ``grace_s``."""
     if proc is None or proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
         proc.wait()
     except ProcessLookupError:
         pass

@@ -71,9 +71,9 @@ def supernode_command(o: SiteOptions, port: int) -> list[str]:
             "--auth-supernode-private-key", str(o.key.resolve())]
 
 
-def _why(log: Path) -> str:
-    """What the SuperNode's log says about why it stopped, in a few words."""
-    text = log.read_text(errors="replace") if log.exists() else ""
+def _why(log: Path, start: int = 0) -> str:
+    """What the SuperNode's log (from byte ``start``) says about why it stopped."""
+    text = log.read_bytes()[start:].decode(errors="replace") if log.exists() else ""
     if "[code: 2004]" in text[-3000:] or "[code: 2001]" in text[-3000:]:
         return "the coordinator does not accept this site's key (not registered there yet?)"
     if "Failed to initialize the connection" in text[-3000:]:
@@ -106,7 +106,7 @@ def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
     try:
         while True:
             started = time.monotonic()
-            supernode_log.unlink(missing_ok=True)
+            mark = supernode_log.stat().st_size if supernode_log.exists() else 0
             proc = fc.start(supernode_command(o, fc.free_port()), supernode_log, env)
             while proc.poll() is None:
                 seen = _echo_activity(activity, seen, log)
@@ -115,7 +115,7 @@ def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
             if time.monotonic() - started > 60:  # it had been working: a fresh failure
                 failing_since, backoff = None, 2.0
             failing_since = failing_since or started
-            why = _why(supernode_log)
+            why = _why(supernode_log, mark)
             if o.max_wait_s and time.monotonic() - failing_since > o.max_wait_s:
                 log(f"site {o.name}: giving up after {o.max_wait_s:.0f}s: {why}")
                 return 1

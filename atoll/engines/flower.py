@@ -62,6 +62,7 @@ class FlowerEngine:
         self.names: dict[int, str] = {}  # node id -> site name, as learned
         self.nodes: dict[str, int] = {}  # site name -> node id, online now
         self._last_seen: set[str] = set()
+        self._ignored: set[int] = set()
 
     # -- membership ----------------------------------------------------------------------
 
@@ -88,6 +89,9 @@ class FlowerEngine:
             if not name:
                 continue
             if self.allowed is not None and name not in self.allowed:
+                if nid not in self._ignored:
+                    self._ignored.add(nid)
+                    self.log(f"ignoring site {name!r}: not among the config's [[sites]]")
                 continue
             if name in nodes:
                 self.log(f"two online nodes claim site name {name!r}; ignoring node {nid}")

@@ -128,9 +128,7 @@ class Coordinator:
         expected = set(self._planned) - set(out.accepted)
         reason = check_update(update, self.run_id, out.round, expected, self.shapes)
         if reason is not None:
-            # A leftover from another round or run says nothing about this round's reply.
-            if update.round == out.round and update.run_id == self.run_id \
-                    and update.site in expected:
+            if update.site in expected:  # a later valid reply from it would still count
                 out.rejected[update.site] = reason
             return reason
         out.rejected.pop(update.site, None)
