@@ -63,7 +63,10 @@ class Run:
         self.bytes_up = self.bytes_down = 0
         if resume:
             self._resume()
-        self.status = StatusBoard(self.out, cfg.federation.rounds)
+        last = [r for r in read_metrics(self.out / "metrics.jsonl")
+                if r["kind"] == "round" and r["run"] == FEDERATION and r["round"] > 0]
+        self.status = StatusBoard(self.out, cfg.federation.rounds, self.coordinator.round,
+                                  last[-1] if last else None)
 
     # -- set-up ---------------------------------------------------------------------------
 

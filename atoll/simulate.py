@@ -25,6 +25,7 @@ def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,
         of = f"/{steps}" if steps and not cfg.federation.time_budget_s else ""
         progress.update(f"round {round_}/{rounds}  site {site}  step {step}{of}  loss {loss:.3f}")
 
+    run.status.sites([s.name for s in sites])
     run.execute(LocalEngine(sites, on_step=on_step))
     run.finish()
     if report:

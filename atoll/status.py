@@ -19,11 +19,13 @@ FILE = "status.json"
 class StatusBoard:
     """The live state of a run, written to ``<run>/status.json`` on every change."""
 
-    def __init__(self, run_dir: Path, total_rounds: int) -> None:
+    def __init__(self, run_dir: Path, total_rounds: int, round_: int = 0,
+                 last_round: dict[str, Any] | None = None) -> None:
         self.path = Path(run_dir) / FILE
         self.state: dict[str, Any] = {
-            "phase": "starting", "round": 0, "rounds": total_rounds, "connected": [],
-            "waiting_for": [], "reported": {}, "last_round": None, "updated": time.time()}
+            "phase": "starting", "round": round_, "rounds": total_rounds, "connected": [],
+            "waiting_for": [], "reported": {}, "last_round": last_round,
+            "updated": time.time()}
         self._flush()
 
     def sites(self, connected: list[str]) -> None:

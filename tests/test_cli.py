@@ -58,6 +58,12 @@ data = "{demo_data['speeches']}"
     assert all((weights[k] == again[k]).all() for k in weights)
     assert len(read_metrics(out / "metrics.jsonl")) == len(records)
 
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert "phase: finished" in status and "round: 2/2" in status
+    assert "connected sites (2): code, speeches" in status and "last closed round 2" in status
+
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
     assert json.loads((out / "run.json").read_text())["name"] == "cli"

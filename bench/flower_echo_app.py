@@ -1,0 +1,49 @@
+"""A Flower App for bench/flower_overhead.py: the server sends an N-MB payload with atoll's
+transport (inline or object store), the client decodes it and sends the same size back."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from atoll.engines.transport import pack, unpack
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    size = int(float(rc["mb"]) * 1e6)
+    store = str(rc["store"])
+    out = str(rc["out"])
+    while not list(grid.get_node_ids()):
+        time.sleep(0.5)
+    node = next(iter(grid.get_node_ids()))
+    blob = os.urandom(size)  # random: Flower stores identical chunks only once
+    start = time.perf_counter()
+    msg = Message(pack(blob, store, "bench/down"), dst_node_id=node, message_type="train",
+                  group_id="1")
+    (mid,) = grid.push_messages([msg])
+    replies: list[Message] = []
+    while not replies:  # poll quickly: send_and_receive sleeps 3 s between pulls
+        replies = list(grid.pull_messages([mid]))
+        time.sleep(0.05)
+    back = unpack(replies[0].content)
+    seconds = time.perf_counter() - start
+    with open(out, "w") as f:
+        json.dump({"mb": size / 1e6, "seconds": seconds, "ok": len(back) == size}, f)
+
+
+@client_app.train()
+def echo(msg: Message, context: Context) -> Message:
+    blob = unpack(msg.content)
+    store = str(msg.content.config_records["meta"].get("url", ""))
+    store = store.rsplit("/bench/", 1)[0] if store else ""
+    return Message(pack(os.urandom(len(blob)), store, "bench/up"), reply_to=msg)
