@@ -134,6 +134,10 @@ class RunConfig:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"site name {sorted(dup)[0]!r} is used twice")
+        if self.federation.time_budget_s and not self.federation.steps_per_round \
+                and not self.inner.total_steps:
+            raise ValueError("with a time budget and no steps_per_round cap, set "
+                             "inner.total_steps (the learning-rate schedule's length)")
         if self.sites and self.federation.sites_per_round > len(self.sites):
             raise ValueError(f"federation.sites_per_round={self.federation.sites_per_round} > "
                              f"{len(self.sites)} sites")

@@ -101,3 +101,44 @@ def test_fedavg_with_one_site_equals_plain_training(demo_data, tmp_path):
     for n, p in model.named_parameters():
         # theta - (theta - theta_site) is theta_site up to float32 rounding
         torch.testing.assert_close(run.coordinator.weights[n], p.detach(), rtol=0, atol=2e-6)
+
+
+def test_gradient_accumulation_equals_the_combined_batch():
+    """Two micro-batches of 4 accumulate to the gradient of one batch of 8."""
+    model = ModelConfig().build(byte_tokenizer(), seed=2)
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    micro = [torch.randint(0, 257, (4, 32), generator=g) for _ in range(4)]
+    cfg = InnerConfig(lr=1e-2, warmup_steps=0, grad_accum=2)
+    it = iter(micro)
+    InnerTrainer(model, cfg, total_steps=2).run(lambda: next(it), max_steps=2)
+    combined = [torch.cat(micro[0:2]), torch.cat(micro[2:4])]
+    plain_adamw_loop(reference, combined, cfg, total_steps=2)
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_reset_state_starts_each_round_with_fresh_adamw(demo_data, tmp_path):
+    from atoll.storage import load_state
+
+    for reset, expected_steps in ((False, 3 * 2), (True, 3)):
+        cfg = small_config(demo_data, ["code"], inner={"reset_state": reset},
+                           federation={"rounds": 2, "steps_per_round": 3})
+        simulate(cfg, tmp_path / f"run-{reset}", report=False)
+        state = load_state(tmp_path / f"run-{reset}" / "sites" / "code" / "round-00002")
+        adam_step = next(iter(state["trainer"]["optimizer"]["state"].values()))["step"]
+        assert int(adam_step) == expected_steps
+        assert state["trainer"]["step"] == 6  # the schedule clock runs on either way
+
+
+def test_time_budget_rounds(demo_data, tmp_path):
+    """With a time budget each site takes as many steps as fit; the clock follows them."""
+    cfg = small_config(demo_data, ["code", "speeches"], inner={"total_steps": 100},
+                       federation={"rounds": 2, "steps_per_round": 0, "time_budget_s": 0.5})
+    run = simulate(cfg, tmp_path / "run", report=False)
+    from atoll.metrics import read_metrics
+
+    sites = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "site"]
+    assert len(sites) == 4 and all(r["steps"] >= 1 and r["accepted"] for r in sites)
+    assert all(r["seconds"] >= 0.5 for r in sites)
+    assert run.coordinator.step > 0

@@ -54,6 +54,7 @@ class Coordinator:
         self.env = fc.flower_env(self.flower / "home")
         self.superlink = None
         self.run_id: int | None = None
+        self.finished = False
         self._seen_rounds = 0
         self._seen_sites: list[str] | None = None
         if not opts.insecure and opts.keys is None:
@@ -137,6 +138,7 @@ class Coordinator:
                 last_check = time.monotonic()
                 status, details = self.run_status()
                 if status.startswith("finished"):
+                    self.finished = True
                     self._print_progress()
                     if details and details != "N/A":
                         self.log(f"run {status}: {details}")
@@ -167,7 +169,7 @@ class Coordinator:
         self._seen_rounds = max(self._seen_rounds, len(rounds))
 
     def stop(self) -> None:
-        if self.run_id is not None and self.superlink is not None \
+        if self.run_id is not None and not self.finished and self.superlink is not None \
                 and self.superlink.poll() is None:
             try:
                 fc.flwr(["stop", str(self.run_id), fc.CONNECTION], self.env, timeout_s=30)

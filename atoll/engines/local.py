@@ -45,7 +45,7 @@ class LocalEngine:
                         self.on_step(_n, _r, step, loss)
                 update = self.sites[name].run(site_plan, on_step=callback)
                 up = to_bytes(update)
-            except (WireError, ValueError, RuntimeError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - one misbehaving site never stops the others
                 yield SiteFailure(site=name, round=plan.round, reason=f"{type(e).__name__}: {e}")
                 continue
             try:
