@@ -3,13 +3,30 @@
 The public surface is small: :class:`~atoll.federation.coordinator.Coordinator` and
 :class:`~atoll.federation.site.Site` exchange :class:`~atoll.federation.protocol.RoundPlan`
 and :class:`~atoll.federation.protocol.SiteUpdate`; engines move them; :func:`simulate` runs
-a whole federation on one machine.
+a whole federation on one machine. Names are imported on first use, so a thin process (a
+Flower ClientApp shim) can import ``atoll`` without loading torch.
 """
 
-from atoll.federation.coordinator import Coordinator, FederationConfig
-from atoll.federation.protocol import RoundPlan, SiteUpdate
-from atoll.federation.site import Site
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Coordinator", "FederationConfig", "RoundPlan", "Site", "SiteUpdate", "__version__"]
+_EXPORTS = {
+    "Coordinator": "atoll.federation.coordinator",
+    "FederationConfig": "atoll.federation.coordinator",
+    "RoundPlan": "atoll.federation.protocol",
+    "SiteUpdate": "atoll.federation.protocol",
+    "Site": "atoll.federation.site",
+    "simulate": "atoll.simulate",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'atoll' has no attribute {name!r}")

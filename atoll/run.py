@@ -235,6 +235,12 @@ class Run:
         self.status.finished()
         return path
 
+    def close(self) -> None:
+        """Release the run folder (another process may then resume it)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def final_losses(self) -> dict[str, dict[str, float]]:
         """Last validation losses per run (federation, baselines) from the metrics."""
         last: dict[str, dict[str, float]] = {}

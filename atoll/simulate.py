@@ -26,8 +26,11 @@ def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,
         progress.update(f"round {round_}/{rounds}  site {site}  step {step}{of}  loss {loss:.3f}")
 
     run.status.sites([s.name for s in sites])
-    run.execute(LocalEngine(sites, on_step=on_step))
-    run.finish()
-    if report:
-        write_report(run.out)
+    try:
+        run.execute(LocalEngine(sites, on_step=on_step))
+        run.finish()
+        if report:
+            write_report(run.out)
+    finally:
+        run.close()
     return run

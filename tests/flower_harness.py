@@ -95,9 +95,21 @@ class Federation:
         return path.read_text()[-4000:] if path.exists() else ""
 
     def close(self) -> None:
-        for proc in [*self.sites.values(), self.coordinator]:
-            if proc is not None and proc.poll() is None:
-                self.kill(proc, signal.SIGINT)
+        """Ctrl-C everything, then make sure nothing is left to disturb the next test."""
+        procs = [p for p in [*self.sites.values(), self.coordinator] if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + 20
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def write_config(path: Path, data: dict[str, Path], **sections: dict) -> Path:

@@ -74,7 +74,7 @@ def test_site_killed_late_joiner_and_restart(demo_data, tmp_path, federation):
     on; restarted, it rejoins from the current weights. A late site joins the next round."""
     data = {s: demo_data[s] for s in SITES}
     config = write_config(tmp_path / "fed.toml", data,
-                          federation={"rounds": 5, "steps_per_round": 40, "min_sites": 2,
+                          federation={"rounds": 7, "steps_per_round": 40, "min_sites": 2,
                                       "deadline_s": 30.0})
     keys = tmp_path / "keys"
     make_keys(keys, list(SITES))
@@ -102,15 +102,16 @@ def test_site_killed_late_joiner_and_restart(demo_data, tmp_path, federation):
     assert "scripture" in closed["rejected"]
 
     fed.start_site("scripture", data["scripture"])  # same key, same state directory
+    fed.wait_for("scripture back", lambda: "scripture" in read_status(fed.out)["connected"])
     assert fed.wait_finished(timeout_s=400) == 0, fed.log("coordinator")
     rounds = fed.rounds()
-    assert [r["round"] for r in rounds] == list(range(1, 6))
+    assert [r["round"] for r in rounds] == list(range(1, 8))
     assert "speeches" not in rounds[0]["sites"] and joined >= 2
     back = [r["round"] for r in rounds if r["round"] > killed_round and "scripture" in r["sites"]]
     assert back, "the restarted site never took part again"
     # it trained from the schedule position the coordinator gave it
     steps = {r["round"]: r["step"] for r in rounds}
-    assert steps[5] == 5 * 40
+    assert steps[7] == 7 * 40
 
 
 def test_coordinator_crash_resume_and_bad_sites(demo_data, tmp_path, federation):

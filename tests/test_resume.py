@@ -61,6 +61,7 @@ def test_resume_equals_uninterrupted(demo_data, tmp_path, outer):
     with pytest.raises(Crash):
         run.execute(CrashingEngine(sites, at=3))
     assert run.checkpoints()[-1] == 2  # round 3 never closed
+    run.close()  # the crashed process is gone, and its lock on the folder with it
 
     resumed = simulate(cfg, out, resume=True, report=False)
     for n, w in straight.coordinator.weights.items():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from atoll.data.reader import load_manifest
 from atoll.deploy import flower_cli as fc
+from atoll.deploy.worker import SiteWorker
 
 INSECURE_WARNING = ("WARNING: --insecure: no TLS and no authentication; use only on loopback "
                     "for development.")
@@ -60,9 +61,7 @@ class SiteOptions:
 
 def supernode_command(o: SiteOptions, port: int) -> list[str]:
     node_config = (f"name='{o.name}' data='{o.data.resolve()}' "
-                   f"state='{o.state.resolve()}' threads={o.threads}")
-    if o.fault:
-        node_config += f" fault='{o.fault}'"
+                   f"state='{o.state.resolve()}' worker=true")
     cmd = [fc.tool("flower-supernode"), "--superlink", o.coordinator, "--port", str(port),
            "--node-config", node_config]
     if o.insecure:
@@ -97,8 +96,7 @@ def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
     log(f"connecting to {o.coordinator} "
         f"({'INSECURE' if o.insecure else 'TLS, key ' + str(o.key)}); waiting for rounds. "
         f"Ctrl-C stops.")
-    activity = o.state / "activity.log"
-    seen = activity.stat().st_size if activity.exists() else 0
+    worker = _start_worker(o, log)
     supernode_log = o.state / "supernode.log"
     failing_since: float | None = None
     backoff = 2.0
@@ -109,9 +107,7 @@ def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
             mark = supernode_log.stat().st_size if supernode_log.exists() else 0
             proc = fc.start(supernode_command(o, fc.free_port()), supernode_log, env)
             while proc.poll() is None:
-                seen = _echo_activity(activity, seen, log)
                 time.sleep(1.0)
-            seen = _echo_activity(activity, seen, log)
             if time.monotonic() - started > 60:  # it had been working: a fresh failure
                 failing_since, backoff = None, 2.0
             failing_since = failing_since or started
@@ -126,14 +122,23 @@ def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
         log(f"site {o.name}: stopping")
         fc.stop(proc)
         return 130
+    finally:
+        worker.close()
 
 
-def _echo_activity(activity: Path, seen: int, log: Callable[[str], None]) -> int:
-    """Print what the ClientApp appended to the activity log since byte ``seen``."""
-    if activity.exists() and activity.stat().st_size > seen:
-        with open(activity) as f:
-            f.seek(seen)
-            for line in f.read().splitlines():
-                log(line)
-            return f.tell()
-    return seen
+def _start_worker(o: SiteOptions, log: Callable[[str], None]) -> SiteWorker:
+    """The long-lived trainer the ClientApp shim hands rounds to."""
+    import torch
+
+    from atoll.federation.site import Site
+
+    if o.threads > 0:
+        torch.set_num_threads(o.threads)
+
+    def on_round(update: dict) -> None:
+        log(f"{time.strftime('%H:%M:%S')} round {update['round']}: {update['steps']} steps, "
+            f"{update['tokens']} tokens, loss {update['train_loss']:.4f}, "
+            f"{update['seconds']:.1f}s")
+
+    site = Site(o.name, o.data, o.state)
+    return SiteWorker(site, o.state, fault=o.fault, on_round=on_round).start()

@@ -1,28 +1,27 @@
-"""atoll as a Flower App: the ServerApp runs the coordinator, the ClientApp runs a site.
+"""atoll as a Flower App: the ServerApp runs the coordinator, the ClientApp serves a site.
 
-Flower starts a fresh ClientApp process for every message, so the site keeps nothing in
-memory: it rebuilds from the plan and from its own state directory (inner optimizer, data
-cursor), which :class:`~atoll.federation.site.Site` saves after every round. The SuperNode's
-``--node-config`` says who the site is: ``name``, ``data`` (a prepared directory), ``state``
-(a directory of its own) and optionally ``threads``.
+The SuperNode's ``--node-config`` says who the site is: ``name``, ``data`` (a prepared
+directory), ``state`` (a directory of its own), and ``worker = true`` when ``atoll site``
+runs a site worker beside it (:mod:`atoll.deploy.worker`). Flower starts a fresh ClientApp
+process for every message, so with a worker the ClientApp is a thin shim that passes bytes
+to the long-lived trainer and back, without importing torch; without one it trains in its
+own process, rebuilding from the state directory every round.
+
+Keep this module's top level light: every ClientApp process imports it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from atoll.engines.flower import FlowerEngine
+from atoll.deploy.worker import call_worker, handle_plan
 from atoll.engines.transport import pack, unpack
-from atoll.federation.faults import apply_fault
-from atoll.federation.protocol import RoundPlan, from_parts, header, tensor_bytes
-from atoll.federation.site import Site
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -31,6 +30,7 @@ client_app = ClientApp()
 @server_app.main()
 def coordinator_main(grid: Grid, context: Context) -> None:
     """The coordinator: the same Run as a simulation, with Flower moving the messages."""
+    from atoll.engines.flower import FlowerEngine
     from atoll.progress import Progress
     from atoll.report import write_report
     from atoll.run import Run
@@ -48,12 +48,8 @@ def coordinator_main(grid: Grid, context: Context) -> None:
     run.execute(engine)
     run.finish()
     write_report(out)
+    run.close()
     progress.log(f"run finished: {out / 'model'}")
-
-
-def _site(context: Context) -> Site:
-    cfg = context.node_config
-    return Site(str(cfg["name"]), str(cfg["data"]), str(cfg["state"]))
 
 
 @client_app.query("hello")
@@ -65,31 +61,23 @@ def hello(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def site_main(msg: Message, context: Context) -> Message:
-    """One round at a site: decode the plan, train, send the pseudo-gradient back."""
-    import torch
-
-    threads = int(context.node_config.get("threads", 0))
-    if threads > 0:
-        torch.set_num_threads(threads)
-    site = _site(context)
+    """One round at a site: plan bytes in, update bytes out."""
+    node = context.node_config
     rec = msg.content.config_records["plan"]
     store = str(rec["store"])
-    plan = from_parts(json.loads(str(rec["header"])), unpack(msg.content), RoundPlan)
-    if plan.site != site.name:
-        raise ValueError(f"plan addressed to site {plan.site!r} reached site {site.name!r}")
-    start = time.time()
-    update = site.run(plan)
-    update, blob = apply_fault(update, tensor_bytes(update.delta),
-                               str(context.node_config.get("fault", "")))
-    payload = pack(blob, store, f"{plan.run_id}/round-{plan.round:05d}/{site.name}.update")
-    payload["update"] = ConfigRecord({"header": json.dumps(header(update))})
-    _activity(site, f"round {plan.round}: {update.steps} steps, {update.tokens} tokens, "
-                    f"loss {update.train_loss:.4f}, {time.time() - start:.1f}s")
+    head = json.loads(str(rec["header"]))
+    blob = unpack(msg.content)
+    if node.get("worker", False):
+        reply, out = call_worker(str(node["state"]), head, blob)
+    else:
+        import torch
+
+        from atoll.federation.site import Site
+
+        if int(node.get("threads", 0)) > 0:
+            torch.set_num_threads(int(node["threads"]))
+        site = Site(str(node["name"]), str(node["data"]), str(node["state"]))
+        reply, out = handle_plan(site, head, blob, str(node.get("fault", "")))
+    payload = pack(out, store, f"{head['run_id']}/round-{head['round']:05d}/{node['name']}.update")
+    payload["update"] = ConfigRecord({"header": json.dumps(reply)})
     return Message(payload, reply_to=msg)
-
-
-def _activity(site: Site, line: str) -> None:
-    """A line for ``atoll site``'s console (the ClientApp's own output goes to Flower's log)."""
-    site.state_dir.mkdir(parents=True, exist_ok=True)
-    with open(site.state_dir / "activity.log", "a") as f:
-        f.write(f"{time.strftime('%H:%M:%S')} {line}\n")

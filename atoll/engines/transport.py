@@ -15,7 +15,7 @@ import hashlib
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from atoll.federation.protocol import WireError
+from atoll.errors import WireError
 
 
 def pack(blob: bytes, store: str = "", key: str = "") -> RecordDict:

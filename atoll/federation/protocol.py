@@ -22,6 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from atoll.errors import WireError
+
 WIRE_VERSION = 1
 
 
@@ -76,10 +78,6 @@ class SiteFailure:
     site: str
     round: int
     reason: str
-
-
-class WireError(ValueError):
-    """A message that cannot be decoded: names the reason."""
 
 
 _TENSOR_FIELD = {RoundPlan: "weights", SiteUpdate: "delta"}

@@ -1,0 +1,108 @@
+"""The site worker: one long-lived process that trains, behind a thin Flower ClientApp.
+
+Flower starts a fresh ClientApp process for every message. Loading torch, transformers and
+the model in each of them would cost seconds per round, so ``atoll site`` keeps the
+:class:`~atoll.federation.site.Site` in its own process and serves it on a local socket
+(``state/worker.sock``, guarded by a random key in ``state/worker.key``, owner-only). The
+ClientApp only passes the plan's bytes to the worker and the update's bytes back: it never
+imports torch.
+
+This module is imported by the ClientApp shim: keep its top level free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+from typing import Any
+
+from atoll.errors import WireError
+
+SOCKET = "worker.sock"
+KEY = "worker.key"
+
+
+def call_worker(state_dir: str | Path, head: dict[str, Any], blob: bytes
+                ) -> tuple[dict[str, Any], bytes]:
+    """Send a plan (header + weights bytes) to the site worker; its (header, bytes) reply."""
+    state_dir = Path(state_dir)
+    key = (state_dir / KEY).read_bytes()
+    with Client(str(state_dir / SOCKET), family="AF_UNIX", authkey=key) as conn:
+        conn.send_bytes(json.dumps(head).encode())
+        conn.send_bytes(blob)
+        reply = json.loads(conn.recv_bytes())
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply, conn.recv_bytes()
+
+
+def handle_plan(site: Any, head: dict[str, Any], blob: bytes, fault: str = ""
+                ) -> tuple[dict[str, Any], bytes]:
+    """Train one round: plan (header + weights bytes) in, update (header + bytes) out."""
+    from atoll.federation.faults import apply_fault
+    from atoll.federation.protocol import RoundPlan, from_parts, header, tensor_bytes
+
+    plan = from_parts(head, blob, RoundPlan)
+    if plan.site != site.name:
+        raise WireError(f"plan addressed to site {plan.site!r} reached site {site.name!r}")
+    update = site.run(plan)
+    update, out = apply_fault(update, tensor_bytes(update.delta), fault)
+    return header(update), out
+
+
+class SiteWorker:
+    """Serves ``handle_plan`` for one site on a Unix socket in its state directory."""
+
+    def __init__(self, site: Any, state_dir: Path, fault: str = "",
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.site = site
+        self.fault = fault
+        self.on_round = on_round
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(32)
+        key_path = self.state_dir / KEY
+        key_path.write_bytes(key)
+        key_path.chmod(0o600)
+        sock = self.state_dir / SOCKET
+        sock.unlink(missing_ok=True)
+        self.listener = Listener(str(sock), family="AF_UNIX", authkey=key)
+        os.chmod(sock, 0o600)
+        self._lock = threading.Lock()  # one round at a time, as one SuperNode sends them
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def start(self) -> SiteWorker:
+        self.thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: Any) -> None:
+        with conn:
+            try:
+                head = json.loads(conn.recv_bytes())
+                blob = conn.recv_bytes()
+                with self._lock:
+                    reply, out = handle_plan(self.site, head, blob, self.fault)
+            except Exception as e:  # noqa: BLE001 - reported to the coordinator, not fatal
+                conn.send_bytes(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+                return
+            conn.send_bytes(json.dumps(reply).encode())
+            conn.send_bytes(out)
+            if self.on_round is not None:
+                self.on_round(reply)
+
+    def close(self) -> None:
+        self.listener.close()
+        (self.state_dir / SOCKET).unlink(missing_ok=True)
