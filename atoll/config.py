@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, TypeVar
 
 import tomli_w
 import tomllib
+
+from atoll.atomic import write_atomic
 
 T = TypeVar("T")
 
@@ -102,19 +103,6 @@ def load(
 def save(obj: Any, path: str | os.PathLike) -> None:
     """Write a config tree as TOML, atomically (temporary name, then rename)."""
     write_atomic(Path(path), tomli_w.dumps(to_dict(obj)).encode())
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:

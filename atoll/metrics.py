@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from atoll.config import write_atomic
+from atoll.atomic import write_atomic
 
 
 class MetricsLog:

@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from atoll.atomic import replace_directory
+
 
 def _llama(hidden: int, layers: int, heads: int, ffn: int, kv_heads: int | None = None,
            context: int = 2048) -> Callable[[int], LlamaConfig]:
@@ -118,12 +120,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out)
     return out
 
 

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from atoll.config import write_atomic  # noqa: E402
+from atoll.atomic import write_atomic  # noqa: E402
 from atoll.metrics import read_metrics  # noqa: E402
 
 FEDERATION = "federation"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from atoll.atomic import write_atomic
 from atoll.config import save as save_config
-from atoll.config import write_atomic
 from atoll.data.reader import TokenDataset, validation_batches
 from atoll.federation.coordinator import Coordinator
 from atoll.federation.protocol import Engine

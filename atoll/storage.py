@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from atoll.atomic import replace_directory
+
 TENSOR_KEY = "__tensor__"
 
 
@@ -67,12 +69,7 @@ def save_state(state: dict[str, Any], directory: Path) -> None:
     skeleton = flatten(state, tensors)
     save_file(tensors, tmp / "tensors.safetensors")
     (tmp / "state.json").write_text(json.dumps(skeleton))
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, directory)
 
 
 def load_state(directory: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from atoll.atomic import replace_directory
 from atoll.data.sources import DataError, expand_inputs, read_documents
 from atoll.tokenizer import encode_fast, load_tokenizer
 
@@ -190,9 +191,4 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     """Replace ``out`` by ``tmp`` with renames, so ``out`` is always whole, old or new."""
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise DataError(out, "exists and is not a prepared data directory; refusing to replace it")
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out)
