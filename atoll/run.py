@@ -56,7 +56,8 @@ class Run:
         self.coordinator = Coordinator(
             init, run_id=self.run_id, seed=cfg.seed, federation=cfg.federation,
             outer=cfg.outer, inner=cfg.inner, model_config=self.model.config.to_dict(),
-            seq_len=cfg.data.seq_len, total_steps=cfg.total_steps)
+            seq_len=cfg.data.seq_len, total_steps=cfg.total_steps, up=cfg.comm.up,
+            down=cfg.comm.down)
         self.eval_sets = self._eval_sets()
         self.baselines = [self._baseline(kind, init) for kind in cfg.baseline.kinds]
         self.metrics = MetricsLog(self.out / "metrics.jsonl")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atoll.config import ConfigError, load
+from atoll.federation.codecs import CodecConfig
 from atoll.federation.coordinator import FederationConfig
 from atoll.model import ModelConfig
 from atoll.train.inner import InnerConfig
@@ -101,8 +102,14 @@ class CommConfig:
 
     store: str = ""
     """fsspec URL prefix of an object store for payloads (empty = inside Flower messages)."""
+    up: CodecConfig = field(default_factory=CodecConfig)
+    """How sites encode their pseudo-gradients."""
+    down: CodecConfig = field(default_factory=CodecConfig)
+    """How the coordinator encodes the global weights it sends."""
 
     def check(self) -> None:
+        if self.down.topk:
+            raise ValueError("comm.down.topk: the global weights are sent whole (no top-k)")
         if self.store and "://" not in self.store:
             raise ValueError(f"comm.store must be a URL such as file:///data/atoll or "
                              f"s3://bucket/prefix, got {self.store!r}")

@@ -6,6 +6,7 @@ import copy
 
 import torch
 
+from atoll.federation.codecs import CodecConfig, encode
 from atoll.federation.coordinator import Coordinator, FederationConfig
 from atoll.federation.protocol import SiteUpdate
 from atoll.metrics import read_metrics
@@ -28,7 +29,8 @@ def coordinator(sites_per_round: int = 0) -> Coordinator:
 def update(site: str, round_: int = 1, value: float = 1.0, tokens: int = 10, **delta) -> SiteUpdate:
     d = {"w": torch.full((2, 3), value), "b": torch.full((3,), value)}
     d.update(delta)
-    return SiteUpdate(run_id="run", round=round_, site=site, delta=d, tokens=tokens, steps=2,
+    return SiteUpdate(run_id="run", round=round_, site=site, delta=encode(d, CodecConfig()),
+                      tokens=tokens, steps=2,
                       train_loss=1.0, seconds=0.1, compute_seconds=0.1)
 
 

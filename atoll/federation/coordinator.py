@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from atoll.errors import WireError
 from atoll.federation.aggregate import WeightedMean
-from atoll.federation.checks import check_update
+from atoll.federation.checks import check_delta, check_header
+from atoll.federation.codecs import CodecConfig, decode, encode, parse_spec
 from atoll.federation.protocol import RoundPlan, SiteUpdate
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig, OuterOptimizer
@@ -71,8 +73,11 @@ class Coordinator:
 
     def __init__(self, weights: dict[str, torch.Tensor], *, run_id: str, seed: int,
                  federation: FederationConfig, outer: OuterConfig, inner: InnerConfig,
-                 model_config: dict, seq_len: int, total_steps: int) -> None:
+                 model_config: dict, seq_len: int, total_steps: int,
+                 up: CodecConfig | None = None, down: CodecConfig | None = None) -> None:
         self.run_id = run_id
+        self.up = up or CodecConfig()
+        self.down = down or CodecConfig()
         self.seed = seed
         self.cfg = federation
         self.inner = inner
@@ -111,12 +116,14 @@ class Coordinator:
         self._outcome = RoundOutcome(round=r, planned=list(sites))
         self._loss_sum = self._step_sum = 0.0
         inner = asdict(self.inner)
+        weights = encode(self.weights, self.down)  # once, shared by every site's plan
         return {
             s: RoundPlan(run_id=self.run_id, round=r, site=s, step=self.step,
                          total_steps=self.total_steps, max_steps=self.cfg.steps_per_round,
                          time_budget_s=self.cfg.time_budget_s, seed=self.seed, inner=inner,
                          model_config=self.model_config, seq_len=self.seq_len,
-                         weights=self.weights)
+                         weights=weights, codec_down=self.down.spec, codec_up=self.up.spec,
+                         error_feedback=self.up.error_feedback)
             for s in sites
         }
 
@@ -126,13 +133,22 @@ class Coordinator:
         if out is None:
             return "no round is open"
         expected = set(self._planned) - set(out.accepted)
-        reason = check_update(update, self.run_id, out.round, expected, self.shapes)
+        reason = check_header(update, self.run_id, out.round, expected, self.up.spec)
+        delta = None
+        if reason is None:
+            try:
+                delta = decode(update.delta, {n: s for n, (s, _) in self.shapes.items()},
+                               parse_spec(update.codec))
+            except WireError as e:
+                reason = f"undecodable update: {e}"
+        if reason is None:
+            reason = check_delta(delta, self.shapes)
         if reason is not None:
             if update.site in expected:  # a later valid reply from it would still count
                 out.rejected[update.site] = reason
             return reason
         out.rejected.pop(update.site, None)
-        self._mean.add(update.delta, weight=float(update.tokens))
+        self._mean.add(delta, weight=float(update.tokens))
         out.accepted.append(update.site)
         out.tokens += update.tokens
         self._loss_sum += update.train_loss * update.tokens

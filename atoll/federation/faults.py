@@ -27,6 +27,7 @@ def apply_fault(update: SiteUpdate, blob: bytes, fault: str) -> tuple[SiteUpdate
     if fault == "garbage":
         return update, os.urandom(len(blob))
     if fault == "nan":
-        delta = {k: torch.full_like(v, float("nan")) for k, v in update.delta.items()}
+        delta = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                 for k, v in update.delta.items()}
         return dataclasses.replace(update, delta=delta), tensor_bytes(delta)
     return update, blob

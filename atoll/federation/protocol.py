@@ -50,11 +50,19 @@ class RoundPlan:
     """Hugging Face config of the model (the site builds it on first contact)."""
     seq_len: int
     weights: dict[str, torch.Tensor] = field(repr=False)
+    """The global weights, encoded with ``codec_down``."""
+    codec_down: str = "fp32"
+    """How ``weights`` are encoded (:func:`atoll.federation.codecs.parse_spec`)."""
+    codec_up: str = "fp32"
+    """How the site must encode its pseudo-gradient."""
+    error_feedback: bool = True
+    """Whether the site carries what ``codec_up`` dropped into its next update."""
 
 
 @dataclass
 class SiteUpdate:
-    """Site -> coordinator: the pseudo-gradient ``theta - theta_site`` and what it took."""
+    """Site -> coordinator: the pseudo-gradient ``theta - theta_site`` (encoded with
+    ``codec``) and what it took."""
 
     run_id: str
     round: int
@@ -65,6 +73,8 @@ class SiteUpdate:
     train_loss: float
     seconds: float
     compute_seconds: float
+    codec: str = "fp32"
+    """How ``delta`` is encoded."""
     bytes_up: int = 0
     """Filled in by the engine: serialized size of this update."""
     bytes_down: int = 0

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from atoll.data.reader import PackedReader, TokenDataset
+from atoll.federation.codecs import ErrorFeedback, decode, encode, parse_spec
 from atoll.federation.protocol import RoundPlan, SiteUpdate
 from atoll.storage import load_state, save_state
 from atoll.train.inner import InnerConfig, InnerTrainer
@@ -49,6 +50,7 @@ class Site:
         self.model: torch.nn.Module | None = None
         self.trainer: InnerTrainer | None = None
         self.reader: PackedReader | None = None
+        self.feedback = ErrorFeedback()  # what the uplink codec dropped, carried forward
 
     def run(self, plan: RoundPlan, on_step: Callable[[int, float], None] | None = None
             ) -> SiteUpdate:
@@ -61,24 +63,32 @@ class Site:
         trainer.step = plan.step  # the global clock, whatever this site did before
         trainer.total_steps = plan.total_steps
         params = dict(model.named_parameters())
+        start = decode(plan.weights, {n: p.shape for n, p in params.items()},
+                       parse_spec(plan.codec_down))
         with torch.no_grad():
-            for name, w in plan.weights.items():
+            for name, w in start.items():
                 params[name].copy_(w)
         result = trainer.run(self.reader.next_batch, plan.max_steps, plan.time_budget_s, on_step)
         with torch.no_grad():
-            delta = {n: plan.weights[n] - params[n].detach() for n in plan.weights}
+            delta = {n: start[n] - params[n].detach() for n in start}
+        up = parse_spec(plan.codec_up)
+        if plan.error_feedback and not up.lossless:
+            encoded = self.feedback.encode(delta, up)
+        else:
+            encoded = encode(delta, up)
         self._save(plan.round)
         return SiteUpdate(
-            run_id=plan.run_id, round=plan.round, site=self.name, delta=delta,
+            run_id=plan.run_id, round=plan.round, site=self.name, delta=encoded,
             tokens=result.tokens, steps=result.steps, train_loss=result.loss,
-            seconds=result.seconds, compute_seconds=result.compute_seconds,
+            seconds=result.seconds, compute_seconds=result.compute_seconds, codec=up.spec,
         )
 
     # -- building and state -------------------------------------------------------------
 
     def _build(self, plan: RoundPlan) -> None:
         key = hashlib.sha256(json.dumps([plan.run_id, plan.model_config, plan.inner,
-                                         plan.seq_len, plan.seed], sort_keys=True,
+                                         plan.seq_len, plan.seed, plan.codec_up],
+                                        sort_keys=True,
                                         default=str).encode()).hexdigest()
         if key == self._key:
             return
@@ -92,6 +102,7 @@ class Site:
                              f"vocabulary of {dataset.manifest['vocab_size']}, the model has "
                              f"{cfg.vocab_size}")
         self.reader = PackedReader(dataset, inner.batch_size, seed=data_seed(plan.seed, self.name))
+        self.feedback = ErrorFeedback()
         self._key, self._completed = key, None
 
     def saved_rounds(self) -> list[int]:
@@ -119,11 +130,13 @@ class Site:
             return
         self.trainer.load_state_dict(state["trainer"])
         self.reader.load_state_dict(state["reader"])
+        self.feedback.residual = dict(state.get("residual", {}))
         self._completed = latest
 
     def _save(self, round_: int) -> None:
         state = {"key": self._key, "round": round_, "trainer": self.trainer.state_dict(),
-                 "reader": self.reader.state_dict(), "saved_at": time.time()}
+                 "reader": self.reader.state_dict(), "residual": self.feedback.residual,
+                 "saved_at": time.time()}
         save_state(state, self.state_dir / f"round-{round_:05d}")
         self._completed = round_
         for old in self.saved_rounds()[:-KEEP_STATES]:

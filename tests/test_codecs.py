@@ -1,0 +1,126 @@
+"""Codecs: bounded error on odd shapes and dtypes, error feedback, corrupt payloads refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atoll.errors import WireError
+from atoll.federation.codecs import CodecConfig, ErrorFeedback, decode, encode, parse_spec
+from atoll.federation.protocol import tensor_bytes
+from atoll.metrics import read_metrics
+from atoll.simulate import simulate
+from tests.conftest import small_config
+
+SHAPES = [(1,), (7,), (3, 5), (13, 17, 3), (129,), (64, 2)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def random_tensors(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"t{i}.weight": (torch.randn(s, generator=g) * 10 ** (i - 3)).to(dtype)
+            for i, s in enumerate(SHAPES)}
+
+
+def block_max(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Each entry's block absmax: the scale its quantisation error is bounded by."""
+    flat = x.float().reshape(-1)
+    pad = torch.zeros(-(-flat.numel() // block) * block)
+    pad[: flat.numel()] = flat.abs()
+    return pad.reshape(-1, block).amax(1).repeat_interleave(block)[: flat.numel()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind, bound", [("fp32", 0.0), ("bf16", 2**-8), ("int8", 1 / 254),
+                                         ("int4", 1 / 14)])
+def test_round_trip_error_is_bounded(kind, bound, dtype):
+    cfg = CodecConfig(kind=kind, block=16)
+    x = random_tensors(0, dtype)
+    y = decode(encode(x, cfg), {k: v.shape for k, v in x.items()}, cfg)
+    for k, v in x.items():
+        assert y[k].shape == v.shape and y[k].dtype == torch.float32
+        err = (y[k] - v.float()).abs().reshape(-1)
+        if kind == "bf16":  # relative to each value
+            assert (err <= bound * v.float().abs().reshape(-1) + 1e-30).all(), k
+        else:  # relative to the block's largest value
+            assert (err <= bound * block_max(v, 16) * (1 + 1e-5) + 1e-30).all(), k
+
+
+def test_topk_keeps_the_largest_entries():
+    cfg = CodecConfig(kind="fp32", topk=0.25)
+    x = {"w": torch.tensor([0.1, -5.0, 0.2, 3.0, -0.3, 0.0, 1.0, -0.05])}
+    y = decode(encode(x, cfg), {"w": x["w"].shape}, cfg)
+    assert torch.equal(y["w"], torch.tensor([0.0, -5.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]))
+
+
+def test_wire_sizes_shrink_as_promised():
+    x = {"w": torch.randn(256, 256)}
+    fp32 = len(tensor_bytes(encode(x, CodecConfig())))
+    sizes = {k: len(tensor_bytes(encode(x, CodecConfig(kind=k, block=64))))
+             for k in ("bf16", "int8", "int4")}
+    assert fp32 / sizes["bf16"] == pytest.approx(2, rel=0.01)
+    assert fp32 / sizes["int8"] == pytest.approx(4 / (1 + 4 / 64), rel=0.02)  # + a scale/block
+    assert fp32 / sizes["int4"] == pytest.approx(8 / (1 + 8 / 64), rel=0.02)
+    top = len(tensor_bytes(encode(x, CodecConfig(kind="int4", topk=0.01))))
+    assert fp32 / top > 50  # 1% of the entries; each costs a 4-byte index
+
+
+@pytest.mark.parametrize("spec", ["int4/32+top0.05", "int8/64", "bf16+top0.1"])
+def test_error_feedback_sum_of_decoded_follows_sum_of_true(spec):
+    """Deltas with a steady drift plus noise: with error feedback the decoded updates add up
+    to the true total (relative error shrinking like 1/rounds); without it they do not."""
+    cfg = parse_spec(spec)
+    g = torch.Generator().manual_seed(0)
+    drift = torch.randn(300, generator=g) * 0.01
+    ef = ErrorFeedback()
+    true_sum = torch.zeros(300)
+    ef_sum, plain_sum = torch.zeros(300), torch.zeros(300)
+    rel = lambda s: ((s - true_sum).norm() / true_sum.norm()).item()  # noqa: E731
+    for t in range(200):
+        delta = {"w": drift + torch.randn(300, generator=g) * 0.02}
+        true_sum += delta["w"]
+        ef_sum += decode(ef.encode(delta, cfg), {"w": (300,)}, cfg)["w"]
+        plain_sum += decode(encode(delta, cfg), {"w": (300,)}, cfg)["w"]
+        if t == 49:
+            early = rel(ef_sum)
+    # the gap is exactly the last residual, which stays the size of one round's error
+    torch.testing.assert_close(true_sum - ef_sum, ef.residual["w"], rtol=0, atol=1e-4)
+    assert rel(ef_sum) < 0.05 and rel(ef_sum) < early / 2  # shrinking like 1/rounds
+    assert rel(ef_sum) < rel(plain_sum) / 3 or rel(plain_sum) < 0.02
+
+
+@pytest.mark.parametrize("mangle, reason", [
+    (lambda e: e.pop("w::q"), "part 'q' is missing"),
+    (lambda e: e.__setitem__("w::q", e["w::q"][:-1]), "has shape"),
+    (lambda e: e.__setitem__("w::scale", e["w::scale"].double()), "torch.float64"),
+    (lambda e: e.__setitem__("extra", torch.zeros(1)), "unexpected tensor 'extra'"),
+    (lambda e: e.__setitem__("w::idx", e["w::idx"] + 10_000), "index out of range"),
+])
+def test_corrupt_payloads_are_refused_with_a_reason(mangle, reason):
+    cfg = CodecConfig(kind="int8", topk=0.5, block=8)
+    enc = encode({"w": torch.randn(40)}, cfg)
+    mangle(enc)
+    with pytest.raises(WireError, match=reason):
+        decode(enc, {"w": (40,)}, cfg)
+
+
+def test_unknown_codec_spec():
+    with pytest.raises(WireError, match="unknown codec"):
+        parse_spec("int3/64")
+
+
+def test_federation_with_compressed_traffic(demo_data, tmp_path):
+    """int4 + error feedback up, bf16 down: real serialized sizes shrink, training works."""
+    plain = small_config(demo_data, ["code", "speeches"], federation={"rounds": 2})
+    packed = small_config(demo_data, ["code", "speeches"], federation={"rounds": 2},
+                          comm={"up": {"kind": "int4", "block": 64}, "down": {"kind": "bf16"}})
+    a = simulate(plain, tmp_path / "a", report=False)
+    b = simulate(packed, tmp_path / "b", report=False)
+    rounds = lambda p: [r for r in read_metrics(p / "metrics.jsonl")  # noqa: E731
+                        if r["kind"] == "round" and r["round"] > 0]
+    ra, rb = rounds(tmp_path / "a"), rounds(tmp_path / "b")
+    assert ra[-1]["bytes_up"] / rb[-1]["bytes_up"] > 6.5
+    assert ra[-1]["bytes_down"] / rb[-1]["bytes_down"] > 1.9
+    assert rb[-1]["sites"] == ["code", "speeches"]
+    loss = lambda run: sum(run.final_losses()["federation"].values())  # noqa: E731
+    assert loss(b) < 1.05 * loss(a)
