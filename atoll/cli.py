@@ -172,6 +172,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slowlink(args: argparse.Namespace) -> int:
+    from atoll.slowlink import LinkConfig, SlowLink
+
+    def address(text: str) -> tuple[str, int]:
+        host, _, port = text.rpartition(":")
+        return host or "127.0.0.1", int(port)
+
+    cfg = LinkConfig(mbit=args.mbit, latency_ms=args.latency_ms, loss=args.loss)
+    link = SlowLink(address(args.listen), address(args.to), cfg).start()
+    print(f"slow link {args.listen} -> {args.to}: {args.mbit or 'unlimited'} Mbit/s, "
+          f"{args.latency_ms} ms each way, {args.loss:.1%} loss. Ctrl-C stops.")
+    try:
+        while True:
+            time.sleep(10)
+            st = link.stats
+            print(f"  {st.connections} connections, {st.bytes / 1e6:.1f} MB, "
+                  f"{st.lost} of {st.segments} segments resent")
+    except KeyboardInterrupt:
+        link.stop()
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atoll", description="Federated pre-training of language "
                                 "models across islands of compute and data.")
@@ -238,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up after this many seconds without a connection (0 = never)")
     t.add_argument("--fault", help=argparse.SUPPRESS)  # testing: stale | garbage | nan
     t.set_defaults(func=cmd_site)
+
+    sl = sub.add_parser("slowlink", help="emulate a slow, lossy link (a TCP proxy)")
+    sl.add_argument("--listen", required=True, help="HOST:PORT to accept connections on")
+    sl.add_argument("--to", required=True, help="HOST:PORT to forward them to")
+    sl.add_argument("--mbit", type=float, default=0.0, help="bandwidth, Mbit/s (0 = unlimited)")
+    sl.add_argument("--latency-ms", type=float, default=0.0, help="one-way delay")
+    sl.add_argument("--loss", type=float, default=0.0, help="segment loss probability")
+    sl.set_defaults(func=cmd_slowlink)
 
     st = sub.add_parser("status", help="where a run stands: sites, round, reports, losses")
     st.add_argument("run_dir")

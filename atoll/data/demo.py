@@ -110,3 +110,28 @@ def build_demo_data(root: str | Path, tokens_per_domain: int = 1_500_000, seq_le
                                               tokens_per_domain), log=log)
         out[name] = target
     return out
+
+
+def build_mixed_sites(root: str | Path, n_sites: int = 4, tokens_per_site: int = 1_000_000,
+                      seq_len: int = 128, log: Callable[[str], None] = print) -> list[Path]:
+    """``n_sites`` sites that each hold an equal share of all four domains (IID), with
+    disjoint documents; returns their prepared directories."""
+    root = Path(root)
+    share = tokens_per_site // len(DOMAINS)
+    sites = [root / f"mixed-{i}" for i in range(n_sites)]
+    for i, site in enumerate(sites):
+        if (site / "manifest.json").exists():
+            continue
+        parts = []
+        for name in DOMAINS:
+            raw = root / "raw" / f"{name}.jsonl"
+            if not raw.exists():
+                write_domain(name, raw, max_chars=int(share * n_sites * 1.2))
+            docs = raw.read_text(encoding="utf-8").splitlines()
+            part = root / "raw" / f"{name}-{i}-of-{n_sites}.jsonl"
+            part.write_text("\n".join(docs[i::n_sites]) + "\n", encoding="utf-8")
+            parts.append(part)
+        log(f"preparing mixed site {i}")
+        prepare(parts, site, PrepareOptions(seq_len=seq_len, max_tokens_per_source=share),
+                log=log)
+    return sites
