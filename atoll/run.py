@@ -147,7 +147,7 @@ class Run:
             "kind": "round", "run": FEDERATION, "round": r, "tokens": self.coordinator.tokens,
             "step": self.coordinator.step, "train_loss": out.train_loss if out else None,
             "val_loss": fed_val, "sites": out.accepted if out else [],
-            "rejected": out.rejected if out else {},
+            "rejected": out.rejected if out else {}, "late": out.late if out else [],
             "bytes_up": sum(u.bytes_up for u in report.replies) if report else 0,
             "bytes_down": sum(u.bytes_down for u in report.replies) if report else 0,
             "seconds": seconds}

@@ -29,6 +29,8 @@ class SiteConfig:
     """A directory made by ``atoll prepare`` (relative paths: to the config file). In a real
     federation the data stays on the site's machine: there, ``[[sites]]`` only names the
     sites allowed to take part, and ``data`` is left out."""
+    pace_s: float = 0.0
+    """Simulation only: every inner step takes at least this long (emulates slower hardware)."""
 
     def check(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ \t"):
@@ -123,6 +125,8 @@ class RunConfig:
     seed: int = 0
     threads: int = 0
     """Torch CPU threads (0 = all cores)."""
+    parallel: bool = False
+    """Local engine: run the sites at the same time in threads, so deadlines are real."""
     tokenizer: str = ""
     """A local Hugging Face tokenizer directory; empty = the byte-level tokenizer."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -96,3 +96,49 @@ def test_a_broken_site_does_not_stop_the_others(demo_data, tmp_path):
     assert len(fails) == 2 and all(not r["accepted"] for r in fails)
     assert "manifest is not valid JSON" in fails[0]["reason"]
     assert run.coordinator.round == 2 and run.coordinator.tokens > 0
+
+
+def test_late_update_is_applied_next_round_with_a_staleness_discount():
+    c = coordinator()
+    c.cfg.max_staleness = 1
+    c.open_round(["a", "b"])
+    assert c.accept(update("a", round_=1, value=1.0, tokens=10)) is None
+    c.reject("b", "no reply within the 5s deadline")
+    c.close()  # theta = 0 - 1 = -1 (FedAvg of a alone)
+    c.open_round(["a"])
+    assert c.accept(update("a", round_=2, value=1.0, tokens=10)) is None
+    assert c.accept(update("b", round_=1, value=4.0, tokens=10)) is None  # one round late
+    out = c.close()
+    assert out.accepted == ["a"] and out.late == ["b"]
+    # weights 10 (a, on time) and 10 / (1 + 1) = 5 (b, late): mean = (10*1 + 5*4) / 15 = 2
+    assert torch.allclose(c.weights["w"], torch.full((2, 3), -1.0 - 2.0))
+    assert c.tokens == 30 and c.step == 4  # the clock follows on-time updates only
+
+
+def test_too_late_or_unexpected_late_updates_are_rejected():
+    c = coordinator()
+    c.cfg.max_staleness = 1
+    for r in (1, 2):
+        c.open_round(["a", "b"])
+        c.accept(update("a", round_=r))
+        c.close()  # b missed rounds 1 and 2
+    c.open_round(["a", "b"])
+    assert "stale" in c.accept(update("b", round_=1))  # two rounds late: too late
+    assert "stale" in c.accept(update("a", round_=2))  # a delivered round 2 already
+    assert c.accept(update("b", round_=2)) is None
+
+
+def test_slow_site_update_arrives_late_and_counts(demo_data, tmp_path):
+    """Parallel local engine: a site paced 1 s per step misses a 2 s deadline; its update
+    lands in the next round, discounted, instead of being thrown away."""
+    cfg = small_config(demo_data, ["code", "speeches"], parallel=True,
+                       federation={"rounds": 4, "steps_per_round": 3, "deadline_s": 2.0,
+                                   "max_staleness": 3})
+    cfg.sites[1].pace_s = 1.0
+    simulate(cfg, tmp_path / "run", report=False)
+    rounds = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+              if r["kind"] == "round" and r["round"] > 0]
+    assert all(r["sites"] == ["code"] for r in rounds)
+    assert "no reply" in rounds[0]["rejected"]["speeches"]
+    late = [r["round"] for r in rounds if "speeches" in r["late"]]
+    assert late and late[0] > 1, rounds

@@ -1,13 +1,21 @@
-"""The local engine: every site in this process, one after another, deterministic for a seed.
+"""The local engine: every site in this process, deterministic for a seed.
 
-Messages still go through their wire form (:func:`~atoll.federation.protocol.to_bytes`), so
+By default sites run one after another (bit-for-bit reproducible). With ``parallel=True``
+they run at the same time in threads, as separate machines would: the round's deadline is
+then real, and a site still training when it passes is reported as failed for that round;
+its update, when it comes, is handed over during a later exchange (the coordinator decides
+whether a late update still counts).
+
+Messages always go through their wire form (:func:`~atoll.federation.protocol.to_bytes`), so
 the byte counts are the real serialized sizes and the local engine exercises the same
 encoding as a real federation. A site that raises is reported as a failure; the others go on.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from atoll.federation.protocol import (
     RoundPlan,
@@ -25,33 +33,60 @@ StepCallback = Callable[[str, int, int, float], None]  # site, round, step, loss
 class LocalEngine:
     """Runs :class:`Site` objects in-process."""
 
-    def __init__(self, sites: list[Site], on_step: StepCallback | None = None) -> None:
+    def __init__(self, sites: list[Site], on_step: StepCallback | None = None,
+                 parallel: bool = False) -> None:
         self.sites = {s.name: s for s in sites}
         self.on_step = on_step
+        self.parallel = parallel
+        self._pool = ThreadPoolExecutor(max_workers=len(sites)) if parallel else None
+        self._late: dict[Future, str] = {}  # futures that missed their round's deadline
 
     def available_sites(self) -> list[str]:
-        return list(self.sites)
+        busy = set(self._late.values())  # a site still on an old round is not free
+        return [s for s in self.sites if s not in busy]
+
+    def _run_site(self, name: str, plan: RoundPlan) -> SiteUpdate | SiteFailure:
+        """What a site's machine does with a plan: decode, train, encode the reply."""
+        down = to_bytes(plan)
+        try:
+            site_plan = from_bytes(down, RoundPlan)
+            callback = None
+            if self.on_step is not None:
+                def callback(step: int, loss: float) -> None:
+                    self.on_step(name, plan.round, step, loss)
+            up = to_bytes(self.sites[name].run(site_plan, on_step=callback))
+            reply = from_bytes(up, SiteUpdate)
+        except WireError as e:
+            return SiteFailure(site=name, round=plan.round, reason=str(e))
+        except Exception as e:  # noqa: BLE001 - one misbehaving site never stops the others
+            return SiteFailure(site=name, round=plan.round, reason=f"{type(e).__name__}: {e}")
+        reply.bytes_down, reply.bytes_up = len(down), len(up)
+        return reply
 
     def exchange(self, plans: dict[str, RoundPlan], deadline_s: float = 0.0
                  ) -> Iterator[SiteUpdate | SiteFailure]:
-        for name, plan in plans.items():
-            down = to_bytes(plan)
-            try:
-                site_plan = from_bytes(down, RoundPlan)
-                callback = None
-                if self.on_step is not None:
-                    def callback(step: int, loss: float, _n: str = name, _r: int = plan.round
-                                 ) -> None:
-                        self.on_step(_n, _r, step, loss)
-                update = self.sites[name].run(site_plan, on_step=callback)
-                up = to_bytes(update)
-            except Exception as e:  # noqa: BLE001 - one misbehaving site never stops the others
-                yield SiteFailure(site=name, round=plan.round, reason=f"{type(e).__name__}: {e}")
-                continue
-            try:
-                reply = from_bytes(up, SiteUpdate)
-            except WireError as e:
-                yield SiteFailure(site=name, round=plan.round, reason=str(e))
-                continue
-            reply.bytes_down, reply.bytes_up = len(down), len(up)
-            yield reply
+        if not self.parallel:
+            for name, plan in plans.items():
+                yield self._run_site(name, plan)
+            return
+        start = time.monotonic()
+        futures = {self._pool.submit(self._run_site, n, p): n for n, p in plans.items()}
+        # updates that missed an earlier deadline are handed over whenever they arrive
+        pending = set(futures) | set(self._late)
+        while set(futures) & pending:
+            left = deadline_s - (time.monotonic() - start) if deadline_s else None
+            if left is not None and left <= 0:
+                break
+            done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
+            for fut in done:
+                self._late.pop(fut, None)
+                yield fut.result()
+        for fut in set(futures) & pending:
+            self._late[fut] = futures[fut]
+            round_ = plans[futures[fut]].round
+            yield SiteFailure(futures[fut], round_, f"no reply within the {deadline_s:g}s "
+                                                    "deadline")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

@@ -38,6 +38,10 @@ class FederationConfig:
     """Close a round this many seconds after it opened, with whoever reported (0 = wait)."""
     min_sites: int = 1
     """Do not open a round before this many sites are connected (Flower engine)."""
+    max_staleness: int = 0
+    """Accept an update that missed its round's deadline up to this many rounds late."""
+    staleness_exponent: float = 1.0
+    """A late update's weight is ``tokens / (1 + lateness) ** staleness_exponent``."""
 
     def check(self) -> None:
         if self.rounds < 1:
@@ -49,6 +53,8 @@ class FederationConfig:
             raise ValueError("set federation.steps_per_round or federation.time_budget_s")
         if self.min_sites < 1:
             raise ValueError(f"federation.min_sites must be at least 1, got {self.min_sites}")
+        if self.max_staleness < 0 or self.staleness_exponent < 0:
+            raise ValueError("federation.max_staleness and staleness_exponent must be >= 0")
         if self.deadline_s < 0:
             raise ValueError(f"federation.deadline_s must be >= 0, got {self.deadline_s}")
 
@@ -61,6 +67,8 @@ class RoundOutcome:
     planned: list[str]
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    late: list[str] = field(default_factory=list)
+    """Sites whose update from an earlier round arrived in this one and was applied."""
     tokens: int = 0
     steps: int = 0
     train_loss: float | None = None
@@ -94,6 +102,8 @@ class Coordinator:
         self._outcome: RoundOutcome | None = None
         self._loss_sum = 0.0
         self._step_sum = 0.0
+        self._on_time_tokens = 0
+        self._missed: dict[int, set[str]] = {}  # round -> planned sites that did not deliver
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -115,6 +125,7 @@ class Coordinator:
         self._mean = WeightedMean()
         self._outcome = RoundOutcome(round=r, planned=list(sites))
         self._loss_sum = self._step_sum = 0.0
+        self._on_time_tokens = 0
         inner = asdict(self.inner)
         weights = encode(self.weights, self.down)  # once, shared by every site's plan
         return {
@@ -132,17 +143,12 @@ class Coordinator:
         out = self._outcome
         if out is None:
             return "no round is open"
+        lag = out.round - update.round
+        if 0 < lag <= self.cfg.max_staleness and update.site in self._missed.get(update.round, ()):
+            return self._accept_late(update, lag)
         expected = set(self._planned) - set(out.accepted)
         reason = check_header(update, self.run_id, out.round, expected, self.up.spec)
-        delta = None
-        if reason is None:
-            try:
-                delta = decode(update.delta, {n: s for n, (s, _) in self.shapes.items()},
-                               parse_spec(update.codec))
-            except WireError as e:
-                reason = f"undecodable update: {e}"
-        if reason is None:
-            reason = check_delta(delta, self.shapes)
+        delta, reason = self._decode(update, reason)
         if reason is not None:
             if update.site in expected:  # a later valid reply from it would still count
                 out.rejected[update.site] = reason
@@ -153,7 +159,40 @@ class Coordinator:
         out.tokens += update.tokens
         self._loss_sum += update.train_loss * update.tokens
         self._step_sum += update.steps * update.tokens
+        self._on_time_tokens += update.tokens
         return None
+
+    def _accept_late(self, update: SiteUpdate, lag: int) -> str | None:
+        """An update that missed its deadline ``lag`` rounds ago: applied now, discounted.
+
+        Its pseudo-gradient was computed from older weights; like a delayed gradient in
+        asynchronous SGD it is applied as is, with the polynomial staleness weight of
+        FedAsync (Xie et al. 2019): ``tokens / (1 + lag) ** staleness_exponent``."""
+        out = self._outcome
+        reason = check_header(update, self.run_id, update.round, {update.site}, self.up.spec)
+        delta, reason = self._decode(update, reason)
+        if reason is not None:
+            out.rejected.setdefault(f"{update.site} (round {update.round})", reason)
+            return reason
+        self._missed[update.round].discard(update.site)
+        weight = update.tokens / (1 + lag) ** self.cfg.staleness_exponent
+        self._mean.add(delta, weight=weight)
+        out.late.append(update.site)
+        out.tokens += update.tokens
+        return None
+
+    def _decode(self, update: SiteUpdate, reason: str | None
+                ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        """The decoded, checked pseudo-gradient, or the reason it cannot be used."""
+        if reason is not None:
+            return None, reason
+        try:
+            delta = decode(update.delta, {n: s for n, (s, _) in self.shapes.items()},
+                           parse_spec(update.codec))
+        except WireError as e:
+            return None, f"undecodable update: {e}"
+        reason = check_delta(delta, self.shapes)
+        return (None, reason) if reason else (delta, None)
 
     def reject(self, site: str, reason: str) -> None:
         """Record that ``site`` failed this round (crash, timeout, undecodable reply)."""
@@ -170,19 +209,27 @@ class Coordinator:
             # Where the outer step happens: the mean pseudo-gradient is theta's "gradient".
             self.outer.step(mean)
             out.applied = True
-            out.train_loss = self._loss_sum / out.tokens
-            # The clock advances by the token-weighted mean of the steps the sites took
-            # (exactly H with fixed-step rounds).
-            out.steps = round(self._step_sum / out.tokens)
+            on_time = self._on_time_tokens
+            if on_time:
+                out.train_loss = self._loss_sum / on_time
+                # The clock advances by the token-weighted mean of the steps the on-time
+                # sites took (exactly H with fixed-step rounds).
+                out.steps = round(self._step_sum / on_time)
             self.step += out.steps
             self.tokens += out.tokens
+        missed = set(out.planned) - set(out.accepted)
+        if missed and self.cfg.max_staleness:
+            self._missed[out.round] = missed
+        self._missed = {r: s for r, s in self._missed.items()
+                        if out.round - r < self.cfg.max_staleness and s}
         self.round = out.round
         self._outcome = self._mean = None
         return out
 
     def state_dict(self) -> dict:
         return {"run_id": self.run_id, "round": self.round, "step": self.step,
-                "tokens": self.tokens,
+                "tokens": self.tokens, "missed": {str(r): sorted(s) for r, s in
+                                                   self._missed.items()},
                 "weights": dict(self.weights), "outer": self.outer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -195,3 +242,4 @@ class Coordinator:
         self.round = int(state["round"])
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
+        self._missed = {int(r): set(s) for r, s in state.get("missed", {}).items()}

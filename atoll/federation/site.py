@@ -41,8 +41,10 @@ def data_seed(run_seed: int, site: str) -> int:
 class Site:
     """One member of a federation, with data that never leaves it."""
 
-    def __init__(self, name: str, data_dir: str | Path, state_dir: str | Path) -> None:
+    def __init__(self, name: str, data_dir: str | Path, state_dir: str | Path,
+                 pace_s: float = 0.0) -> None:
         self.name = name
+        self.pace_s = pace_s  # emulated hardware: every inner step takes at least this long
         self.data_dir = Path(data_dir)
         self.state_dir = Path(state_dir)
         self._key: str | None = None  # what the in-memory model/trainer/reader were built for
@@ -68,7 +70,8 @@ class Site:
         with torch.no_grad():
             for name, w in start.items():
                 params[name].copy_(w)
-        result = trainer.run(self.reader.next_batch, plan.max_steps, plan.time_budget_s, on_step)
+        result = trainer.run(self.reader.next_batch, plan.max_steps, plan.time_budget_s,
+                             self._paced(on_step))
         with torch.no_grad():
             delta = {n: start[n] - params[n].detach() for n in start}
         up = parse_spec(plan.codec_up)
@@ -82,6 +85,23 @@ class Site:
             tokens=result.tokens, steps=result.steps, train_loss=result.loss,
             seconds=result.seconds, compute_seconds=result.compute_seconds, codec=up.spec,
         )
+
+    def _paced(self, on_step: Callable[[int, float], None] | None
+               ) -> Callable[[int, float], None] | None:
+        """``on_step``, plus a sleep that stretches each step to ``pace_s`` seconds."""
+        if not self.pace_s:
+            return on_step
+        last = [time.perf_counter()]
+
+        def step(n: int, loss: float) -> None:
+            rest = self.pace_s - (time.perf_counter() - last[0])
+            if rest > 0:
+                time.sleep(rest)
+            last[0] = time.perf_counter()
+            if on_step is not None:
+                on_step(n, loss)
+
+        return step
 
     # -- building and state -------------------------------------------------------------
 
