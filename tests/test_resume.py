@@ -46,11 +46,17 @@ def assert_bytes_close(a, b, slack=64):
             assert abs(ra[k] - rb[k]) <= slack * max(1, len(ra.get("sites", [1]))), (k, ra, rb)
 
 
-@pytest.mark.parametrize("outer", [{"lr": 0.7, "momentum": 0.9, "nesterov": True}])
-def test_resume_equals_uninterrupted(demo_data, tmp_path, outer):
-    cfg = small_config(demo_data, ["code", "scripture", "speeches"], outer=outer,
-                       federation={"rounds": 4, "steps_per_round": 3, "sites_per_round": 2},
-                       baseline={"kinds": ["data_parallel"]})
+@pytest.mark.parametrize("extra", [
+    {},  # DiLoCo, partial participation, a baseline
+    # streaming with overlap, int8 + error feedback up, bf16 down: more site state to restore
+    {"federation": {"fragments": 2, "overlap_steps": 1},
+     "comm": {"up": {"kind": "int8"}, "down": {"kind": "bf16"}}},
+])
+def test_resume_equals_uninterrupted(demo_data, tmp_path, extra):
+    fed = {"rounds": 4, "steps_per_round": 3, "sites_per_round": 2, **extra.get("federation", {})}
+    cfg = small_config(demo_data, ["code", "scripture", "speeches"],
+                       outer={"lr": 0.7, "momentum": 0.9, "nesterov": True}, federation=fed,
+                       baseline={"kinds": ["data_parallel"]}, comm=extra.get("comm", {}))
     straight = simulate(cfg, tmp_path / "straight", report=False)
 
     from atoll.federation.site import Site

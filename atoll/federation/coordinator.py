@@ -18,6 +18,7 @@ from atoll.errors import WireError
 from atoll.federation.aggregate import WeightedMean
 from atoll.federation.checks import check_delta, check_header
 from atoll.federation.codecs import CodecConfig, decode, encode, parse_spec
+from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import RoundPlan, SiteUpdate
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig, OuterOptimizer
@@ -42,6 +43,12 @@ class FederationConfig:
     """Accept an update that missed its round's deadline up to this many rounds late."""
     staleness_exponent: float = 1.0
     """A late update's weight is ``tokens / (1 + lateness) ** staleness_exponent``."""
+    fragments: int = 1
+    """Streaming sync: cut the model into this many fragments and sync one per round."""
+    overlap_steps: int = 0
+    """Streaming sync: sites train this many steps while a fragment is on the wire."""
+    merge_alpha: float = 0.5
+    """How much of its own fragment a site keeps when merging after overlap."""
 
     def check(self) -> None:
         if self.rounds < 1:
@@ -53,6 +60,13 @@ class FederationConfig:
             raise ValueError("set federation.steps_per_round or federation.time_budget_s")
         if self.min_sites < 1:
             raise ValueError(f"federation.min_sites must be at least 1, got {self.min_sites}")
+        if self.fragments < 1 or self.overlap_steps < 0 or not 0 <= self.merge_alpha < 1:
+            raise ValueError("federation.fragments >= 1, overlap_steps >= 0, merge_alpha in "
+                             "[0, 1)")
+        if self.overlap_steps and (self.time_budget_s or
+                                   self.overlap_steps >= self.steps_per_round):
+            raise ValueError("federation.overlap_steps needs fixed-step rounds with "
+                             "steps_per_round > overlap_steps")
         if self.max_staleness < 0 or self.staleness_exponent < 0:
             raise ValueError("federation.max_staleness and staleness_exponent must be >= 0")
         if self.deadline_s < 0:
@@ -94,6 +108,8 @@ class Coordinator:
         self.total_steps = total_steps
         self.outer = OuterOptimizer(weights, outer)
         self.shapes = {n: (w.shape, w.dtype) for n, w in self.outer.weights.items()}
+        self.groups = split_fragments(self.outer.weights, federation.fragments)
+        self._delivered: set[str] = set()  # sites whose update for the last round counted
         self.round = 0  # last closed round
         self.step = 0  # schedule position at the start of the next round
         self.tokens = 0  # tokens trained into the global weights so far
@@ -127,16 +143,31 @@ class Coordinator:
         self._loss_sum = self._step_sum = 0.0
         self._on_time_tokens = 0
         inner = asdict(self.inner)
-        weights = encode(self.weights, self.down)  # once, shared by every site's plan
-        return {
-            s: RoundPlan(run_id=self.run_id, round=r, site=s, step=self.step,
-                         total_steps=self.total_steps, max_steps=self.cfg.steps_per_round,
-                         time_budget_s=self.cfg.time_budget_s, seed=self.seed, inner=inner,
-                         model_config=self.model_config, seq_len=self.seq_len,
-                         weights=weights, codec_down=self.down.spec, codec_up=self.up.spec,
-                         error_feedback=self.up.error_feedback)
-            for s in sites
-        }
+        c = self.cfg
+        streaming = c.fragments > 1 or c.overlap_steps > 0
+        payloads: dict[bool, dict[str, torch.Tensor]] = {}  # encoded once, shared by sites
+
+        def weights(full: bool) -> dict[str, torch.Tensor]:
+            if full not in payloads:
+                names = self.weights if full else self.groups[fragment_of_round(r - 1,
+                                                                                c.fragments)]
+                payloads[full] = encode({n: self.weights[n] for n in names}, self.down)
+            return payloads[full]
+
+        plans = {}
+        for s in sites:
+            # a site that delivered last round holds every fragment but the one just synced
+            full = not streaming or r == 1 or s not in self._delivered
+            plans[s] = RoundPlan(
+                run_id=self.run_id, round=r, site=s, step=self.step,
+                total_steps=self.total_steps, max_steps=c.steps_per_round,
+                time_budget_s=c.time_budget_s, seed=self.seed, inner=inner,
+                model_config=self.model_config, seq_len=self.seq_len, weights=weights(full),
+                codec_down=self.down.spec, codec_up=self.up.spec,
+                error_feedback=self.up.error_feedback, fragments=c.fragments,
+                fragment=fragment_of_round(r, c.fragments), full=full,
+                overlap_steps=c.overlap_steps, merge_alpha=c.merge_alpha)
+        return plans
 
     def accept(self, update: SiteUpdate) -> str | None:
         """Check ``update`` and fold it into the round; returns the rejection reason, if any."""
@@ -186,13 +217,18 @@ class Coordinator:
         """The decoded, checked pseudo-gradient, or the reason it cannot be used."""
         if reason is not None:
             return None, reason
+        shapes = {n: self.shapes[n] for n in self._synced(update.round)}
         try:
-            delta = decode(update.delta, {n: s for n, (s, _) in self.shapes.items()},
+            delta = decode(update.delta, {n: s for n, (s, _) in shapes.items()},
                            parse_spec(update.codec))
         except WireError as e:
             return None, f"undecodable update: {e}"
-        reason = check_delta(delta, self.shapes)
+        reason = check_delta(delta, shapes)
         return (None, reason) if reason else (delta, None)
+
+    def _synced(self, round_: int) -> list[str]:
+        """The tensors synced in ``round_`` (all of them unless streaming)."""
+        return self.groups[fragment_of_round(round_, self.cfg.fragments)]
 
     def reject(self, site: str, reason: str) -> None:
         """Record that ``site`` failed this round (crash, timeout, undecodable reply)."""
@@ -217,6 +253,7 @@ class Coordinator:
                 out.steps = round(self._step_sum / on_time)
             self.step += out.steps
             self.tokens += out.tokens
+        self._delivered = set(out.accepted)
         missed = set(out.planned) - set(out.accepted)
         if missed and self.cfg.max_staleness:
             self._missed[out.round] = missed
@@ -227,9 +264,9 @@ class Coordinator:
         return out
 
     def state_dict(self) -> dict:
+        missed = {str(r): sorted(s) for r, s in self._missed.items()}
         return {"run_id": self.run_id, "round": self.round, "step": self.step,
-                "tokens": self.tokens, "missed": {str(r): sorted(s) for r, s in
-                                                   self._missed.items()},
+                "tokens": self.tokens, "delivered": sorted(self._delivered), "missed": missed,
                 "weights": dict(self.weights), "outer": self.outer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -243,3 +280,4 @@ class Coordinator:
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self._missed = {int(r): set(s) for r, s in state.get("missed", {}).items()}
+        self._delivered = set(state.get("delivered", []))

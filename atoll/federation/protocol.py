@@ -57,6 +57,16 @@ class RoundPlan:
     """How the site must encode its pseudo-gradient."""
     error_feedback: bool = True
     """Whether the site carries what ``codec_up`` dropped into its next update."""
+    fragments: int = 1
+    """Streaming sync: the model is cut into this many fragments, one synced per round."""
+    fragment: int = 0
+    """The fragment whose pseudo-gradient the site sends this round."""
+    full: bool = True
+    """``weights`` hold the whole model (replace); else only last round's fragment (merge)."""
+    overlap_steps: int = 0
+    """Steps the site trains on before merging the fragment (it was on the wire meanwhile)."""
+    merge_alpha: float = 0.5
+    """After overlap: ``local = alpha * local + (1 - alpha) * global``."""
 
 
 @dataclass

@@ -25,9 +25,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.federation.codecs import ErrorFeedback, decode, encode, parse_spec
+from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import RoundPlan, SiteUpdate
 from atoll.storage import load_state, save_state
-from atoll.train.inner import InnerConfig, InnerTrainer
+from atoll.train.inner import InnerConfig, InnerTrainer, TrainResult
 
 KEEP_STATES = 2
 _ROUND_DIR = re.compile(r"^round-(\d{5,})$")
@@ -53,10 +54,19 @@ class Site:
         self.trainer: InnerTrainer | None = None
         self.reader: PackedReader | None = None
         self.feedback = ErrorFeedback()  # what the uplink codec dropped, carried forward
+        self.anchor: dict[str, torch.Tensor] = {}  # the global weights as last received
+        self._streaming = False
 
     def run(self, plan: RoundPlan, on_step: Callable[[int, float], None] | None = None
             ) -> SiteUpdate:
-        """Train from the plan's weights; return the pseudo-gradient and its accounting."""
+        """Train from the plan's weights; return the pseudo-gradient and its accounting.
+
+        Plain DiLoCo: replace the model by the global weights, train, send ``anchor - local``
+        where the anchor is what was received. Streaming (fragments or overlap): the plan
+        carries only the fragment synced last round; the site first trains
+        ``overlap_steps`` steps (the time that fragment spent on the wire), then merges it,
+        ``local = alpha * local + (1 - alpha) * global``, trains on, and sends the delta of
+        this round's fragment against the global value it last received."""
         self._build(plan)
         self._restore(plan)
         trainer, model = self.trainer, self.model
@@ -65,15 +75,30 @@ class Site:
         trainer.step = plan.step  # the global clock, whatever this site did before
         trainer.total_steps = plan.total_steps
         params = dict(model.named_parameters())
-        start = decode(plan.weights, {n: p.shape for n, p in params.items()},
-                       parse_spec(plan.codec_down))
+        streaming = plan.fragments > 1 or plan.overlap_steps > 0
+        groups = split_fragments({n: p.shape for n, p in params.items()}, plan.fragments)
+        full = plan.full or not streaming or not self.anchor
+        names = list(params) if full else groups[fragment_of_round(plan.round - 1,
+                                                                   plan.fragments)]
+        received = decode(plan.weights, {n: params[n].shape for n in names},
+                          parse_spec(plan.codec_down))
+        paced = self._paced(on_step)
+        results = []
+        if not full and plan.overlap_steps:  # training on while the fragment was in flight
+            results.append(trainer.run(self.reader.next_batch, plan.overlap_steps, 0, paced))
+        alpha = plan.merge_alpha if results else 0.0
         with torch.no_grad():
-            for name, w in start.items():
-                params[name].copy_(w)
-        result = trainer.run(self.reader.next_batch, plan.max_steps, plan.time_budget_s,
-                             self._paced(on_step))
+            for n, w in received.items():
+                params[n].mul_(alpha).add_(w, alpha=1 - alpha)
+                self.anchor[n] = w
+        done = sum(r.steps for r in results)
+        results.append(trainer.run(self.reader.next_batch, plan.max_steps - done if
+                                   plan.max_steps else 0, plan.time_budget_s, paced))
+        result = TrainResult.combine(results)
+        sent = groups[plan.fragment] if streaming else list(params)
         with torch.no_grad():
-            delta = {n: start[n] - params[n].detach() for n in start}
+            delta = {n: self.anchor[n] - params[n].detach() for n in sent}
+        self._streaming = streaming
         up = parse_spec(plan.codec_up)
         if plan.error_feedback and not up.lossless:
             encoded = self.feedback.encode(delta, up)
@@ -123,6 +148,7 @@ class Site:
                              f"{cfg.vocab_size}")
         self.reader = PackedReader(dataset, inner.batch_size, seed=data_seed(plan.seed, self.name))
         self.feedback = ErrorFeedback()
+        self.anchor = {}
         self._key, self._completed = key, None
 
     def saved_rounds(self) -> list[int]:
@@ -151,12 +177,21 @@ class Site:
         self.trainer.load_state_dict(state["trainer"])
         self.reader.load_state_dict(state["reader"])
         self.feedback.residual = dict(state.get("residual", {}))
+        if state.get("local"):  # streaming: the model is not replaced whole every round
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, w in state["local"].items():
+                    params[n].copy_(w)
+            self.anchor = dict(state["anchor"])
         self._completed = latest
 
     def _save(self, round_: int) -> None:
         state = {"key": self._key, "round": round_, "trainer": self.trainer.state_dict(),
                  "reader": self.reader.state_dict(), "residual": self.feedback.residual,
                  "saved_at": time.time()}
+        if self._streaming:
+            state["local"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            state["anchor"] = dict(self.anchor)
         save_state(state, self.state_dir / f"round-{round_:05d}")
         self._completed = round_
         for old in self.saved_rounds()[:-KEEP_STATES]:

@@ -82,6 +82,14 @@ class TrainResult:
     seconds: float
     compute_seconds: float  # time inside forward/backward/step (excludes data waits)
 
+    @staticmethod
+    def combine(parts: list[TrainResult]) -> TrainResult:
+        """One result for consecutive stretches of training."""
+        steps = sum(p.steps for p in parts)
+        return TrainResult(steps, sum(p.tokens for p in parts),
+                           sum(p.loss * p.steps for p in parts) / max(steps, 1),
+                           sum(p.seconds for p in parts), sum(p.compute_seconds for p in parts))
+
 
 class InnerTrainer:
     """AdamW on ``model`` with a warm-up + cosine schedule on a global step clock."""

@@ -49,11 +49,14 @@ class OuterOptimizer:
 
     @torch.no_grad()
     def step(self, pseudo_gradient: dict[str, torch.Tensor]) -> None:
-        """theta <- outer_step(theta, mean pseudo-gradient). Needs every tensor of theta."""
-        for n in self.names:
-            self.weights[n].grad = pseudo_gradient[n].to(self.weights[n].dtype)
+        """theta <- outer_step(theta, mean pseudo-gradient).
+
+        Tensors absent from ``pseudo_gradient`` (other fragments, in streaming sync) are left
+        alone, momentum included: torch's optimizers skip parameters without a gradient."""
+        for n, g in pseudo_gradient.items():
+            self.weights[n].grad = g.to(self.weights[n].dtype)
         self.optimizer.step()
-        for n in self.names:
+        for n in pseudo_gradient:
             self.weights[n].grad = None
 
     def state_dict(self) -> dict:

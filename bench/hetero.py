@@ -1,0 +1,100 @@
+"""Sites of different speeds: synchronous fixed-step rounds vs time-budget rounds.
+
+Four sites (the demo's domains); three take ``--pace`` seconds per inner step, one takes 4x
+as long (emulated hardware: each step is stretched to its pace, so the sites do not compete
+for this machine's two cores). They run at the same time (the local engine's parallel mode).
+
+* fixed steps: every site takes H steps per round; the fast ones then wait for the slow one;
+* time budget: every site trains for the time the slow one needs for H steps.
+
+Both get the same number of rounds, i.e. the same wall time. Prints the federation's tokens
+per second as a fraction of the sum of the sites' standalone throughputs, and the final
+mean validation loss.
+
+    python bench/hetero.py [--pace 0.2] [--h 10] [--rounds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from atoll.config import from_dict
+from atoll.data.demo import DOMAINS, build_demo_data
+from atoll.federation.codecs import CodecConfig, encode
+from atoll.federation.protocol import RoundPlan
+from atoll.federation.site import Site
+from atoll.metrics import read_metrics
+from atoll.model import ModelConfig
+from atoll.run_config import RunConfig
+from atoll.simulate import simulate
+from atoll.tokenizer import byte_tokenizer
+from atoll.train.inner import InnerConfig
+
+BATCH, SEQ = 8, 64
+
+
+def standalone_tokens_per_s(data: Path, pace: float, steps: int, tmp: Path) -> float:
+    """One site alone, training ``steps`` steps at ``pace``."""
+    model = ModelConfig().build(byte_tokenizer())
+    inner = InnerConfig(batch_size=BATCH)
+    site = Site("alone", data, tmp / f"alone-{pace}", pace_s=pace)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = RoundPlan(run_id="alone", round=1, site="alone", step=0, total_steps=steps,
+                     max_steps=steps, time_budget_s=0, seed=0, inner=asdict(inner),
+                     model_config=model.config.to_dict(), seq_len=SEQ,
+                     weights=encode(weights, CodecConfig()))
+    start = time.perf_counter()
+    update = site.run(plan)
+    return update.tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pace", type=float, default=0.2, help="seconds per step, fast sites")
+    ap.add_argument("--h", type=int, default=10, help="steps per round of the slow site")
+    ap.add_argument("--rounds", type=int, default=8)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="atoll-hetero-"))
+    data = build_demo_data(tmp / "data", tokens_per_domain=400_000, seq_len=SEQ,
+                           log=lambda s: None)
+    paces = {d: args.pace * (4 if d == "code" else 1) for d in DOMAINS}
+    alone = {d: standalone_tokens_per_s(data[d], paces[d], args.h, tmp) for d in DOMAINS}
+    total_alone = sum(alone.values())
+    print("standalone tokens/s: " + ", ".join(f"{d} {v:,.0f}" for d, v in alone.items())
+          + f"; sum {total_alone:,.0f}")
+    budget = args.h * paces["code"]
+
+    def run(name: str, federation: dict) -> None:
+        cfg = from_dict(RunConfig, {
+            "name": name, "seed": 0, "parallel": True,
+            "data": {"seq_len": SEQ}, "inner": {"batch_size": BATCH, "warmup_steps": 5,
+                                                 "total_steps": args.rounds * args.h * 4},
+            "outer": {"lr": 1.0, "momentum": 0.0, "nesterov": False},
+            "federation": {"rounds": args.rounds, **federation},
+            "eval": {"every": 10_000, "max_batches": 4}, "baseline": {"kinds": []},
+            "sites": [{"name": d, "data": str(data[d]), "pace_s": paces[d]} for d in DOMAINS]})
+        start = time.perf_counter()
+        r = simulate(cfg, tmp / name, report=False)
+        wall = time.perf_counter() - start
+        rounds = [x for x in read_metrics(tmp / name / "metrics.jsonl")
+                  if x["kind"] == "round" and x["round"] > 0]
+        in_rounds = sum(x["seconds"] for x in rounds)
+        tokens = r.coordinator.tokens
+        loss = sum(r.final_losses()["federation"].values()) / 4
+        print(f"{name:<28} {tokens / in_rounds / total_alone:6.2f} of the sum in rounds "
+              f"({tokens / wall / total_alone:.2f} of the whole run's wall time)  "
+              f"{tokens / 1e6:.2f}M tokens  val loss {loss:.4f}")
+
+    print(f"one site (code) is 4x slower; {args.rounds} rounds of {budget:.1f}s each")
+    run("fixed steps (synchronous)", {"steps_per_round": args.h})
+    run("time budget", {"steps_per_round": 0, "time_budget_s": budget})
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
