@@ -75,6 +75,8 @@ class SiteWorker:
         os.chmod(sock, 0o600)
         self._lock = threading.Lock()  # one round at a time, as one SuperNode sends them
         self.thread = threading.Thread(target=self._serve, daemon=True)
+        self._stop_ahead = threading.Event()
+        self._ahead: threading.Thread | None = None
 
     def start(self) -> SiteWorker:
         self.thread.start()
@@ -94,7 +96,10 @@ class SiteWorker:
                 head = json.loads(conn.recv_bytes())
                 blob = conn.recv_bytes()
                 with self._lock:
+                    self._stop_training_ahead()
                     reply, out = handle_plan(self.site, head, blob, self.fault)
+                    if head.get("overlap_steps"):
+                        self._train_ahead(int(head["overlap_steps"]))
             except Exception as e:  # noqa: BLE001 - reported to the coordinator, not fatal
                 conn.send_bytes(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
                 return
@@ -103,6 +108,20 @@ class SiteWorker:
             if self.on_round is not None:
                 self.on_round(reply)
 
+    def _train_ahead(self, max_steps: int) -> None:
+        """Overlap: keep training while the update travels and the next plan is made."""
+        self._stop_ahead = threading.Event()
+        self._ahead = threading.Thread(target=self.site.train_ahead,
+                                       args=(max_steps, self._stop_ahead), daemon=True)
+        self._ahead.start()
+
+    def _stop_training_ahead(self) -> None:
+        if self._ahead is not None:
+            self._stop_ahead.set()
+            self._ahead.join()
+            self._ahead = None
+
     def close(self) -> None:
+        self._stop_training_ahead()
         self.listener.close()
         (self.state_dir / SOCKET).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,7 @@ class Site:
         self.reader: PackedReader | None = None
         self.feedback = ErrorFeedback()  # what the uplink codec dropped, carried forward
         self.anchor: dict[str, torch.Tensor] = {}  # the global weights as last received
+        self._ahead: tuple[int, list[TrainResult]] | None = None  # trained between rounds
         self._streaming = False
 
     def run(self, plan: RoundPlan, on_step: Callable[[int, float], None] | None = None
@@ -66,7 +68,13 @@ class Site:
         carries only the fragment synced last round; the site first trains
         ``overlap_steps`` steps (the time that fragment spent on the wire), then merges it,
         ``local = alpha * local + (1 - alpha) * global``, trains on, and sends the delta of
-        this round's fragment against the global value it last received."""
+        this round's fragment against the global value it last received. A site worker does
+        the overlap steps for real, in the background while the fragment travels
+        (:meth:`train_ahead`); the local engine does them here, as many as configured."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and (ahead[0] != plan.round - 1 or plan.full):
+            self._completed = None  # unusable background steps: back to the saved state
+            ahead = None
         self._build(plan)
         self._restore(plan)
         trainer, model = self.trainer, self.model
@@ -85,7 +93,12 @@ class Site:
         paced = self._paced(on_step)
         results = []
         if not full and plan.overlap_steps:  # training on while the fragment was in flight
-            results.append(trainer.run(self.reader.next_batch, plan.overlap_steps, 0, paced))
+            if ahead is not None:
+                results = ahead[1]
+                trainer.step = plan.step + sum(r.steps for r in results)
+            else:
+                results.append(trainer.run(self.reader.next_batch, plan.overlap_steps, 0,
+                                           paced))
         alpha = plan.merge_alpha if results else 0.0
         with torch.no_grad():
             for n, w in received.items():
@@ -110,6 +123,17 @@ class Site:
             tokens=result.tokens, steps=result.steps, train_loss=result.loss,
             seconds=result.seconds, compute_seconds=result.compute_seconds, codec=up.spec,
         )
+
+    def train_ahead(self, max_steps: int, stop: threading.Event) -> None:
+        """Between rounds, in a site worker: train on (up to ``max_steps`` steps) until the
+        next plan arrives and ``stop`` is set. :meth:`run` counts these steps as the round's
+        overlap and merges the arriving fragment into a model that has moved on."""
+        if self.trainer is None or self._completed is None:
+            return
+        results = []
+        while len(results) < max_steps and not stop.is_set():
+            results.append(self.trainer.run(self.reader.next_batch, 1, 0, self._paced(None)))
+        self._ahead = (self._completed, results)
 
     def _paced(self, on_step: Callable[[int, float], None] | None
                ) -> Callable[[int, float], None] | None:
