@@ -150,7 +150,7 @@ class Run:
             "rejected": out.rejected if out else {}, "late": out.late if out else [],
             "bytes_up": sum(u.bytes_up for u in report.replies) if report else 0,
             "bytes_down": sum(u.bytes_down for u in report.replies) if report else 0,
-            "seconds": seconds}
+            "seconds": seconds, "ended": time.time()}
         self.metrics.write(record)
         if r > 0:
             self.status.round_closed(record)

@@ -30,7 +30,7 @@ class CrashingEngine(LocalEngine):
             yield reply
 
 
-WALL_CLOCK = {"seconds", "compute_seconds"}
+WALL_CLOCK = {"seconds", "compute_seconds", "ended"}
 BYTES = {"bytes_up", "bytes_down"}
 
 
