@@ -70,11 +70,16 @@ def supernode_command(o: SiteOptions, port: int) -> list[str]:
             "--auth-supernode-private-key", str(o.key.resolve())]
 
 
+REFUSED = ("the coordinator refused this site's key (not registered there yet, or an earlier "
+           "run of this site that vanished without saying goodbye is still counted online; "
+           "Flower forgets it within 60s)")
+
+
 def _why(log: Path, start: int = 0) -> str:
     """What the SuperNode's log (from byte ``start``) says about why it stopped."""
     text = log.read_bytes()[start:].decode(errors="replace") if log.exists() else ""
     if "[code: 2004]" in text[-3000:] or "[code: 2001]" in text[-3000:]:
-        return "the coordinator does not accept this site's key (not registered there yet?)"
+        return REFUSED
     if "Failed to initialize the connection" in text[-3000:]:
         return "the coordinator is not reachable"
     tail = [line for line in text.strip().splitlines()[-3:] if line.strip()]
@@ -117,7 +122,9 @@ def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
                 return 1
             log(f"site {o.name}: {why}; trying again in {backoff:.0f}s")
             time.sleep(backoff)
-            backoff = min(backoff * 1.5, 30.0)
+            # A refusal is cheap to retry and usually ends when a vanished twin's heartbeat
+            # expires; an unreachable coordinator is worth backing off from.
+            backoff = min(backoff * 1.5, 5.0 if why == REFUSED else 30.0)
     except KeyboardInterrupt:
         log(f"site {o.name}: stopping")
         fc.stop(proc)
