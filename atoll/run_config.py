@@ -110,8 +110,12 @@ class CommConfig:
     """How the coordinator encodes the global weights it sends."""
 
     def check(self) -> None:
-        if self.down.topk:
-            raise ValueError("comm.down.topk: the global weights are sent whole (no top-k)")
+        if self.down.topk and not self.down.delta:
+            raise ValueError("comm.down.topk needs comm.down.delta = true (whole weights "
+                             "cannot be sparsified, their changes can)")
+        if self.up.delta:
+            raise ValueError("comm.up.delta: only the downlink sends changes (updates are "
+                             "changes already)")
         if self.store and "://" not in self.store:
             raise ValueError(f"comm.store must be a URL such as file:///data/atoll or "
                              f"s3://bucket/prefix, got {self.store!r}")
@@ -149,6 +153,10 @@ class RunConfig:
                 and not self.inner.total_steps:
             raise ValueError("with a time budget and no steps_per_round cap, set "
                              "inner.total_steps (the learning-rate schedule's length)")
+        f = self.federation
+        if self.comm.down.delta and (f.fragments > 1 or f.overlap_steps):
+            raise ValueError("comm.down.delta does not combine with streaming sync "
+                             "(federation.fragments / overlap_steps): fragments are sent whole")
         if self.sites and self.federation.sites_per_round > len(self.sites):
             raise ValueError(f"federation.sites_per_round={self.federation.sites_per_round} > "
                              f"{len(self.sites)} sites")

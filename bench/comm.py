@@ -4,13 +4,14 @@ Four sites, the tiny model, the same token budget for every row:
 
 * data-parallel baseline: every step each site sends its full fp32 gradient and receives the
   averaged one (what synchronous data-parallel training over the internet would move);
-* DiLoCo (H inner steps per round) with fp32, int8 and int4 (+ error feedback) updates.
+* DiLoCo (H inner steps per round) with fp32 traffic; with int8 updates up and int8 changes
+  of the weights down; with int4 updates (+ error feedback) up and int4 changes down.
 
 Prints the final mean validation loss and the total bytes on the wire of each, and the
 reduction factor against the baseline. ``--mixed`` gives every site an equal share of all
 four domains (IID); the default is the demo's one-domain-per-site split (non-IID).
 
-    python bench/comm.py [--steps 400] [--h 50] [--mixed] [--outer fedavg|diloco]
+    python bench/comm.py [--steps 600] [--h 150] [--batch 8] [--mixed] [--outer fedavg|diloco]
 """
 
 from __future__ import annotations
@@ -38,56 +39,61 @@ def mean(d: dict[str, float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=400, help="inner steps per site in all")
-    ap.add_argument("--h", type=int, default=50, help="inner steps per round")
+    ap.add_argument("--steps", type=int, default=600, help="inner steps per site in all")
+    ap.add_argument("--h", type=int, default=150, help="inner steps per round")
+    ap.add_argument("--batch", type=int, default=8, help="rows of 128 tokens per step")
     ap.add_argument("--mixed", action="store_true", help="IID sites (all domains each)")
     ap.add_argument("--outer", choices=OUTER, default="fedavg")
-    ap.add_argument("--down", default="fp32", help="codec of the weights sent down")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="atoll-comm-"))
-    tokens = args.steps * 16 * 128
+    tokens = args.steps * args.batch * 128
     if args.mixed:
         dirs = build_mixed_sites(tmp, 4, int(tokens * 1.3), log=lambda s: None)
         sites = {f"site{i}": d for i, d in enumerate(dirs)}
     else:
         sites = build_demo_data(tmp, tokens_per_domain=int(tokens * 1.3), log=lambda s: None)
 
-    def config(rounds: int, h: int, up: dict, baseline: bool) -> RunConfig:
+    def config(rounds: int, h: int, up: dict, down: dict, baseline: bool) -> RunConfig:
         return from_dict(RunConfig, {
             "name": "comm", "seed": 0,
-            "inner": {"lr": 3e-3, "warmup_steps": 20, "batch_size": 16,
+            "inner": {"lr": 3e-3, "warmup_steps": 20, "batch_size": args.batch,
                       "total_steps": args.steps},
             "outer": OUTER[args.outer], "federation": {"rounds": rounds, "steps_per_round": h},
             "eval": {"every": 10_000, "max_batches": 8},
             "baseline": {"kinds": ["data_parallel"] if baseline else []},
-            "comm": {"up": up, "down": {"kind": args.down}},
+            "comm": {"up": up, "down": down},
             "sites": [{"name": n, "data": str(d)} for n, d in sites.items()]})
 
     split = "IID (every site holds all four domains)" if args.mixed else \
         "non-IID (one domain per site)"
-    print(f"4 sites, {split}; {args.steps} inner steps per site of 16 x 128 tokens "
-          f"({4 * tokens / 1e6:.2f}M tokens); outer {args.outer}; weights down as {args.down}")
+    print(f"4 sites, {split}; {args.steps} inner steps per site of {args.batch} x 128 tokens "
+          f"({4 * tokens / 1e6:.2f}M tokens); outer {args.outer}")
     start = time.perf_counter()
-    run = simulate(config(1, args.steps, {"kind": "fp32"}, True), tmp / "dp", report=False)
+    fp32 = {"kind": "fp32"}
+    run = simulate(config(1, args.steps, fp32, fp32, True), tmp / "dp", report=False)
     grad = len(tensor_bytes(dict(run.model.named_parameters())))
     dp_bytes = args.steps * 4 * 2 * grad  # every step: each site's gradient up, the mean down
     dp_loss = mean(run.final_losses()["baseline:data_parallel"])
     rows = [("data-parallel, fp32 gradients every step", dp_loss, dp_bytes)]
     print(f"  (baseline trained in {time.perf_counter() - start:.0f}s)")
-    variants = [("fp32", {"kind": "fp32"}), ("int8", {"kind": "int8"}),
-                ("int4 + error feedback", {"kind": "int4", "error_feedback": True})]
-    for name, up in variants:
+    variants = [("fp32", {"kind": "fp32"}, {"kind": "fp32"}),
+                ("int8 up, int8 changes down", {"kind": "int8", "error_feedback": False},
+                 {"kind": "int8", "delta": True}),
+                ("int4 + error feedback up, int4 changes down",
+                 {"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True})]
+    for name, up, down in variants:
         out = tmp / name.split()[0]
-        run = simulate(config(args.steps // args.h, args.h, up, False), out, report=False)
+        run = simulate(config(args.steps // args.h, args.h, up, down, False), out,
+                       report=False)
         total = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0)
                     for r in read_metrics(out / "metrics.jsonl")
                     if r["kind"] == "round" and r["run"] == "federation")
         rows.append((f"DiLoCo H={args.h}, {name}", mean(run.final_losses()["federation"]),
                      total))
         shutil.rmtree(out / "sites", ignore_errors=True)
-    print(f"\n{'':44}{'val loss':>9}{'vs DP':>8}{'bytes on wire':>16}{'reduction':>11}")
+    print(f"\n{'':60}{'val loss':>9}{'vs DP':>8}{'bytes on wire':>16}{'reduction':>11}")
     for name, loss, total in rows:
-        print(f"{name:<44}{loss:9.4f}{(loss / dp_loss - 1) * 100:+7.1f}%"
+        print(f"{name:<60}{loss:9.4f}{(loss / dp_loss - 1) * 100:+7.1f}%"
               f"{total / 1e6:13.1f} MB{dp_bytes / total:10.0f}x")
     shutil.rmtree(tmp, ignore_errors=True)
 

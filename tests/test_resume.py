@@ -51,6 +51,8 @@ def assert_bytes_close(a, b, slack=64):
     # streaming with overlap, int8 + error feedback up, bf16 down: more site state to restore
     {"federation": {"fragments": 2, "overlap_steps": 1},
      "comm": {"up": {"kind": "int8"}, "down": {"kind": "bf16"}}},
+    # int4 changes down: the coordinator's copy of what the sites hold, and theirs
+    {"comm": {"up": {"kind": "int4"}, "down": {"kind": "int4", "delta": True}}},
 ])
 def test_resume_equals_uninterrupted(demo_data, tmp_path, extra):
     fed = {"rounds": 4, "steps_per_round": 3, "sites_per_round": 2, **extra.get("federation", {})}

@@ -40,6 +40,9 @@ class CodecConfig:
     """Keep only this fraction of each tensor's entries, by magnitude (0 = all)."""
     error_feedback: bool = True
     """Uplink: carry what the codec dropped into the next round."""
+    delta: bool = False
+    """Downlink: send each site the change since the weights it already holds, not the
+    weights; what the codec drops stays with the coordinator and goes out next round."""
 
     def check(self) -> None:
         if self.kind not in KINDS:

@@ -120,6 +120,12 @@ class Coordinator:
         self._step_sum = 0.0
         self._on_time_tokens = 0
         self._missed: dict[int, set[str]] = {}  # round -> planned sites that did not deliver
+        # Delta downlink: the weights the sites hold (what they decoded), and the round that
+        # sent them. The global weights minus these is what is still to be sent.
+        self.held: dict[str, torch.Tensor] | None = None
+        self.held_round = 0
+        self._changes: dict[str, torch.Tensor] | None = None
+        self._full_held: dict[str, torch.Tensor] | None = None
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -154,20 +160,58 @@ class Coordinator:
                 payloads[full] = encode({n: self.weights[n] for n in names}, self.down)
             return payloads[full]
 
+        changes = self._downlink_change(r) if self.down.delta else None
         plans = {}
         for s in sites:
-            # a site that delivered last round holds every fragment but the one just synced
+            # a site that delivered last round holds every fragment but the one just synced,
+            # and (delta downlink) the weights sent last round
             full = not streaming or r == 1 or s not in self._delivered
+            if not self.down.delta:
+                down = {"weights": weights(full), "codec_down": self.down.spec}
+            elif changes is not None and s in self._delivered:
+                down = {"weights": changes, "codec_down": self.down.spec,
+                        "changes_from": r - 1}
+            else:  # no copy yet, or this site may not hold it: the copy, whole
+                down = {"weights": self._held_payload(), "codec_down": "fp32"}
             plans[s] = RoundPlan(
                 run_id=self.run_id, round=r, site=s, step=self.step,
                 total_steps=self.total_steps, max_steps=c.steps_per_round,
                 time_budget_s=c.time_budget_s, seed=self.seed, inner=inner,
-                model_config=self.model_config, seq_len=self.seq_len, weights=weights(full),
-                codec_down=self.down.spec, codec_up=self.up.spec,
-                error_feedback=self.up.error_feedback, fragments=c.fragments,
-                fragment=fragment_of_round(r, c.fragments), full=full,
-                overlap_steps=c.overlap_steps, merge_alpha=c.merge_alpha)
+                model_config=self.model_config, seq_len=self.seq_len, **down,
+                codec_up=self.up.spec, error_feedback=self.up.error_feedback,
+                fragments=c.fragments, fragment=fragment_of_round(r, c.fragments), full=full,
+                overlap_steps=c.overlap_steps, merge_alpha=c.merge_alpha,
+                keep_weights=self.down.delta)
         return plans
+
+    def _downlink_change(self, r: int) -> dict[str, torch.Tensor] | None:
+        """Delta downlink: the encoded change that brings the sites' copy of the weights (as
+        of round ``r - 1``) toward the global weights, applied to that copy here exactly as
+        the sites will decode it. None when no copy exists yet (everyone gets it whole).
+
+        The codec's loss is not dropped: the global weights minus the copy is what remains
+        to be sent, and it goes out with the next round's change (error feedback on the
+        downlink). Sites train from the copy; the outer step moves the global weights."""
+        if self.held is not None and self.held_round == r:  # this round was opened already
+            return self._changes
+        self._changes = None
+        if self.held is not None and self.held_round == r - 1:
+            change = {n: self.weights[n] - self.held[n] for n in self.weights}
+            self._changes = encode(change, self.down)
+            decoded = decode(self._changes, {n: c.shape for n, c in change.items()}, self.down)
+            for n, d in decoded.items():
+                self.held[n] += d
+        else:
+            self.held = {n: w.detach().clone() for n, w in self.weights.items()}
+        self.held_round = r
+        self._full_held = None
+        return self._changes
+
+    def _held_payload(self) -> dict[str, torch.Tensor]:
+        """The sites' copy, whole, for a site that does not hold last round's (fp32)."""
+        if self._full_held is None:
+            self._full_held = encode(self.held, CodecConfig())
+        return self._full_held
 
     def accept(self, update: SiteUpdate) -> str | None:
         """Check ``update`` and fold it into the round; returns the rejection reason, if any."""
@@ -265,9 +309,12 @@ class Coordinator:
 
     def state_dict(self) -> dict:
         missed = {str(r): sorted(s) for r, s in self._missed.items()}
-        return {"run_id": self.run_id, "round": self.round, "step": self.step,
-                "tokens": self.tokens, "delivered": sorted(self._delivered), "missed": missed,
-                "weights": dict(self.weights), "outer": self.outer.state_dict()}
+        state = {"run_id": self.run_id, "round": self.round, "step": self.step,
+                 "tokens": self.tokens, "delivered": sorted(self._delivered), "missed": missed,
+                 "weights": dict(self.weights), "outer": self.outer.state_dict()}
+        if self.held is not None:
+            state |= {"held": dict(self.held), "held_round": self.held_round}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state["run_id"] != self.run_id:
@@ -281,3 +328,6 @@ class Coordinator:
         self.tokens = int(state["tokens"])
         self._missed = {int(r): set(s) for r, s in state.get("missed", {}).items()}
         self._delivered = set(state.get("delivered", []))
+        if "held" in state:
+            self.held = {n: t.clone() for n, t in state["held"].items()}
+            self.held_round = int(state["held_round"])

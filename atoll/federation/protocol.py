@@ -67,6 +67,11 @@ class RoundPlan:
     """Steps the site trains on before merging the fragment (it was on the wire meanwhile)."""
     merge_alpha: float = 0.5
     """After overlap: ``local = alpha * local + (1 - alpha) * global``."""
+    keep_weights: bool = False
+    """Delta downlink: keep the received weights, the next plans send changes against them."""
+    changes_from: int = 0
+    """> 0: ``weights`` is the change to add to the weights received for round
+    ``changes_from`` (which this site must hold); 0: the weights themselves."""
 
 
 @dataclass

@@ -57,7 +57,8 @@ class Site:
         self.feedback = ErrorFeedback()  # what the uplink codec dropped, carried forward
         self.anchor: dict[str, torch.Tensor] = {}  # the global weights as last received
         self._ahead: tuple[int, list[TrainResult]] | None = None  # trained between rounds
-        self._streaming = False
+        self._keep_anchor = False  # save the received weights with the state (streaming,
+        # delta downlink): the next plan builds on them
 
     def run(self, plan: RoundPlan, on_step: Callable[[int, float], None] | None = None
             ) -> SiteUpdate:
@@ -90,6 +91,13 @@ class Site:
                                                                    plan.fragments)]
         received = decode(plan.weights, {n: params[n].shape for n in names},
                           parse_spec(plan.codec_down))
+        if plan.changes_from:  # delta downlink: the change to the weights received before
+            if self._completed != plan.changes_from or not self.anchor:
+                raise ValueError(f"site {self.name} holds the weights of round "
+                                 f"{self._completed or 'none'}, the plan sends changes "
+                                 f"against round {plan.changes_from}; the coordinator sends "
+                                 f"them whole next round")
+            received = {n: self.anchor[n] + c for n, c in received.items()}
         paced = self._paced(on_step)
         results = []
         if not full and plan.overlap_steps:  # training on while the fragment was in flight
@@ -111,7 +119,7 @@ class Site:
         sent = groups[plan.fragment] if streaming else list(params)
         with torch.no_grad():
             delta = {n: self.anchor[n] - params[n].detach() for n in sent}
-        self._streaming = streaming
+        self._keep_anchor = streaming or plan.keep_weights
         up = parse_spec(plan.codec_up)
         if plan.error_feedback and not up.lossless:
             encoded = self.feedback.encode(delta, up)
@@ -213,7 +221,7 @@ class Site:
         state = {"key": self._key, "round": round_, "trainer": self.trainer.state_dict(),
                  "reader": self.reader.state_dict(), "residual": self.feedback.residual,
                  "saved_at": time.time()}
-        if self._streaming:
+        if self._keep_anchor:
             state["local"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
             state["anchor"] = dict(self.anchor)
         save_state(state, self.state_dir / f"round-{round_:05d}")
