@@ -1,0 +1,1 @@
+"""The signed, hash-chained contribution ledger and the credit it records."""
