@@ -8,6 +8,7 @@ checkpoints after every round so that ``--resume`` continues exactly where it st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -19,10 +20,13 @@ import torch
 
 from atoll.atomic import write_atomic
 from atoll.config import save as save_config
+from atoll.consent.pool import consent_filter
 from atoll.data.reader import TokenDataset, validation_batches
 from atoll.federation.coordinator import Coordinator
 from atoll.federation.protocol import Engine
 from atoll.federation.rounds import RoundReport, run_round
+from atoll.ledger.books import Books
+from atoll.ledger.credit import ValidationGradient
 from atoll.metrics import MetricsLog, read_metrics
 from atoll.model import export
 from atoll.progress import Progress
@@ -57,8 +61,18 @@ class Run:
             init, run_id=self.run_id, seed=cfg.seed, federation=cfg.federation,
             outer=cfg.outer, inner=cfg.inner, model_config=self.model.config.to_dict(),
             seq_len=cfg.data.seq_len, total_steps=cfg.total_steps, up=cfg.comm.up,
-            down=cfg.comm.down)
+            down=cfg.comm.down, purpose=cfg.purpose)
         self.eval_sets = self._eval_sets()
+        probe_batches = [b for batches in self.eval_sets.values()
+                         for b in batches[: cfg.credit.batches]]
+        self.books = Books(
+            self.out, self.run_id, cfg.purpose,
+            lambda: (self.coordinator.round + 1, self.coordinator.weights),
+            ValidationGradient(self.model, probe_batches) if probe_batches else None,
+            cfg.federation.staleness_exponent)
+        self.coordinator.audit = self.books.audit
+        self.books.start(cfg.name, hashlib.sha256(
+            (self.out / "config.toml").read_bytes()).hexdigest())
         self.baselines = [self._baseline(kind, init) for kind in cfg.baseline.kinds]
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.bytes_up = self.bytes_down = 0
@@ -94,7 +108,11 @@ class Run:
             ds = TokenDataset(data, "val", self.cfg.data.seq_len)
             if len(ds) == 0:
                 continue  # too small to hold out validation rows
-            out[name] = validation_batches(ds, e.batch_size, e.max_batches)
+            # a pool's held-out rows are its contributors' data too: consent applies
+            allow = consent_filter(data, self.cfg.purpose)
+            batches = validation_batches(ds, e.batch_size, e.max_batches, allow)
+            if batches:
+                out[name] = batches
         return out
 
     def _baseline(self, kind: str, init: dict[str, torch.Tensor]) -> CentralisedBaseline:
@@ -103,7 +121,8 @@ class Run:
             for n, p in model.named_parameters():
                 p.copy_(init[n])
         return CentralisedBaseline(kind, model, self.cfg.inner, [s.data for s in self.cfg.sites],
-                                   self.cfg.data.seq_len, self.cfg.seed, self.cfg.total_steps)
+                                   self.cfg.data.seq_len, self.cfg.seed, self.cfg.total_steps,
+                                   purpose=self.cfg.purpose)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -121,6 +140,7 @@ class Run:
     def _record(self, report: RoundReport, seconds: float) -> None:
         out = report.outcome
         r = out.round
+        self.books.close_round(out, self.coordinator.weights)
         for u in report.replies:
             self.metrics.write({
                 "kind": "site", "run": FEDERATION, "round": r, "site": u.site,
@@ -217,6 +237,7 @@ class Run:
         rounds = self.checkpoints()
         if not rounds:
             self.metrics.truncate_after(-1)  # nothing to keep: start from round 0 again
+            self.books.resumed_at(0)
             return
         path = self.out / "checkpoints" / f"round-{rounds[-1]:05d}"
         state = load_state(path / "coordinator")
@@ -225,6 +246,7 @@ class Run:
         for b in self.baselines:
             b.load_state_dict(load_state(path / f"baseline-{b.kind}"))
         self.metrics.truncate_after(self.coordinator.round)
+        self.books.resumed_at(self.coordinator.round)
         self.progress.log(f"resumed {self.out} at round {self.coordinator.round}")
 
     # -- the end -----------------------------------------------------------------------------
@@ -238,6 +260,7 @@ class Run:
 
     def close(self) -> None:
         """Release the run folder (another process may then resume it)."""
+        self.books.close()
         if self._lock is not None:
             self._lock.close()
             self._lock = None

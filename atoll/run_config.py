@@ -13,6 +13,7 @@ from pathlib import Path
 from atoll.config import ConfigError, load
 from atoll.federation.codecs import CodecConfig
 from atoll.federation.coordinator import FederationConfig
+from atoll.ledger.credit import CreditConfig
 from atoll.model import ModelConfig
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig
@@ -127,6 +128,8 @@ class RunConfig:
 
     name: str = "atoll"
     seed: int = 0
+    purpose: str = "pretraining"
+    """What this run trains for: a site reads only contributions whose consent covers it."""
     threads: int = 0
     """Torch CPU threads (0 = all cores)."""
     parallel: bool = False
@@ -142,6 +145,7 @@ class RunConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    credit: CreditConfig = field(default_factory=CreditConfig)
     sites: list[SiteConfig] = field(default_factory=list)
 
     def check(self) -> None:

@@ -46,7 +46,14 @@ class TokenDataset:
             self._shards.append(np.memmap(path, dtype=dtype, mode="r", shape=(s["rows"], stored)))
         self._starts = np.cumsum([0] + [s["rows"] for s in info["shards"]])
         self.stored_rows = int(self._starts[-1])
-        self.row_sources = np.load(self.root / f"{split}-sources.npy", mmap_mode="r")
+        if info["shards"] and all("source" in s for s in info["shards"]):  # a pool: one
+            # source per shard, so the shard list says where every row came from
+            self.row_sources = np.repeat([s["source"] for s in info["shards"]],
+                                         [s["rows"] for s in info["shards"]]).astype(np.int32)
+        elif not info["shards"]:
+            self.row_sources = np.zeros(0, np.int32)
+        else:
+            self.row_sources = np.load(self.root / f"{split}-sources.npy", mmap_mode="r")
         self.sources = self.manifest["sources"]
 
     def __len__(self) -> int:
@@ -83,7 +90,8 @@ class PackedReader:
     """Batches of rows in a seeded order that survives rounds and restarts.
 
     ``allow`` (optional) filters rows by source index at the moment they are read: a row whose
-    source is not allowed is passed over and never yielded.
+    source is not allowed is passed over and never yielded. ``yielded`` counts the rows given
+    out per source: the reader's own account of whose data was read (consent, credit).
     """
 
     def __init__(self, dataset: TokenDataset, batch_size: int, seed: int = 0,
@@ -97,6 +105,7 @@ class PackedReader:
         self.epoch = 0
         self.position = 0
         self.rows_read = 0
+        self.yielded: dict[int, int] = {}
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -117,29 +126,44 @@ class PackedReader:
             chunk = self._order[self.position : self.position + want]
             self.position += len(chunk)
             if self.allow is not None:
-                ok = np.array([self.allow(int(s)) for s in self.dataset.source_of(chunk)], bool)
+                ok = allowed_mask(self.dataset.source_of(chunk), self.allow)
                 chunk = chunk[ok]
                 passed_over = 0 if len(chunk) else passed_over + int((~ok).sum())
             picked.extend(chunk.tolist())
         self.rows_read += self.batch_size
+        for src, n in zip(*np.unique(self.dataset.source_of(np.asarray(picked)),
+                                     return_counts=True), strict=True):
+            self.yielded[int(src)] = self.yielded.get(int(src), 0) + int(n)
         return torch.from_numpy(self.dataset.rows(np.asarray(picked)))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "rows_read": self.rows_read,
-                "seed": self.seed}
+                "seed": self.seed, "yielded": {str(k): v for k, v in self.yielded.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = state["seed"]
         self.epoch = state["epoch"]
         self.position = state["position"]
         self.rows_read = state["rows_read"]
+        self.yielded = {int(k): v for k, v in state.get("yielded", {}).items()}
         self._order = self._permutation(self.epoch)
 
 
-def validation_batches(dataset: TokenDataset, batch_size: int, max_batches: int
-                       ) -> list[torch.Tensor]:
-    """A fixed list of validation batches: the first rows of the split, in stored order."""
-    n = min(len(dataset), batch_size * max_batches) if max_batches else len(dataset)
-    idx = np.arange(n)
+def allowed_mask(sources: np.ndarray, allow: Callable[[int], bool]) -> np.ndarray:
+    """Which of ``sources`` (row source indices) ``allow`` lets through."""
+    sources = np.asarray(sources)
+    ok = [int(u) for u in np.unique(sources) if allow(int(u))]
+    return np.isin(sources, ok)
+
+
+def validation_batches(dataset: TokenDataset, batch_size: int, max_batches: int,
+                       allow: Callable[[int], bool] | None = None) -> list[torch.Tensor]:
+    """A fixed list of validation batches: the first (allowed) rows of the split, in stored
+    order."""
+    idx = np.arange(len(dataset))
+    if allow is not None:
+        idx = idx[allowed_mask(dataset.source_of(idx), allow)]
+    n = min(len(idx), batch_size * max_batches) if max_batches else len(idx)
+    idx = idx[:n]
     return [torch.from_numpy(dataset.rows(idx[i : i + batch_size]))
             for i in range(0, n, batch_size)]

@@ -9,6 +9,7 @@ valid arrived leaves the global weights untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -96,8 +97,15 @@ class Coordinator:
     def __init__(self, weights: dict[str, torch.Tensor], *, run_id: str, seed: int,
                  federation: FederationConfig, outer: OuterConfig, inner: InnerConfig,
                  model_config: dict, seq_len: int, total_steps: int,
-                 up: CodecConfig | None = None, down: CodecConfig | None = None) -> None:
+                 up: CodecConfig | None = None, down: CodecConfig | None = None,
+                 purpose: str = "pretraining",
+                 audit: Callable[[SiteUpdate, dict[str, torch.Tensor]], str | None] | None = None
+                 ) -> None:
         self.run_id = run_id
+        self.purpose = purpose
+        # A last check of a decoded, well-formed update by whoever keeps the books (the
+        # contribution ledger): its reason to refuse it, or None.
+        self.audit = audit
         self.up = up or CodecConfig()
         self.down = down or CodecConfig()
         self.seed = seed
@@ -181,7 +189,7 @@ class Coordinator:
                 codec_up=self.up.spec, error_feedback=self.up.error_feedback,
                 fragments=c.fragments, fragment=fragment_of_round(r, c.fragments), full=full,
                 overlap_steps=c.overlap_steps, merge_alpha=c.merge_alpha,
-                keep_weights=self.down.delta)
+                keep_weights=self.down.delta, purpose=self.purpose)
         return plans
 
     def _downlink_change(self, r: int) -> dict[str, torch.Tensor] | None:
@@ -268,6 +276,8 @@ class Coordinator:
         except WireError as e:
             return None, f"undecodable update: {e}"
         reason = check_delta(delta, shapes)
+        if reason is None and self.audit is not None:
+            reason = self.audit(update, delta)
         return (None, reason) if reason else (delta, None)
 
     def _synced(self, round_: int) -> list[str]:

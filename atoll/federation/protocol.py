@@ -12,6 +12,7 @@ Engines implement :class:`Engine`; the coordinator and the site never see how me
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class RoundPlan:
     """Steps the site trains on before merging the fragment (it was on the wire meanwhile)."""
     merge_alpha: float = 0.5
     """After overlap: ``local = alpha * local + (1 - alpha) * global``."""
+    purpose: str = "pretraining"
+    """What the run trains for; the site reads only data whose consent covers it."""
     keep_weights: bool = False
     """Delta downlink: keep the received weights, the next plans send changes against them."""
     changes_from: int = 0
@@ -90,6 +93,11 @@ class SiteUpdate:
     compute_seconds: float
     codec: str = "fp32"
     """How ``delta`` is encoded."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """What the site says it trained on (:mod:`atoll.ledger.reports`), signed by it."""
+    report_signature: str = ""
+    signer: str = ""
+    """The site's Ed25519 public key (hex)."""
     bytes_up: int = 0
     """Filled in by the engine: serialized size of this update."""
     bytes_down: int = 0
@@ -118,6 +126,16 @@ def header(msg: RoundPlan | SiteUpdate) -> dict[str, Any]:
 
 def tensors(msg: RoundPlan | SiteUpdate) -> dict[str, torch.Tensor]:
     return getattr(msg, _TENSOR_FIELD[type(msg)])
+
+
+def digest(named: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(named):
+        t = named[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def tensor_bytes(named: dict[str, torch.Tensor]) -> bytes:

@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from atoll.consent.pool import allowed_sources
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.federation.codecs import ErrorFeedback, decode, encode, parse_spec
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import RoundPlan, SiteUpdate
+from atoll.ledger.reports import build_report, sign_report
+from atoll.ledger.signing import Signer
 from atoll.storage import load_state, save_state
 from atoll.train.inner import InnerConfig, InnerTrainer, TrainResult
 
@@ -56,7 +59,11 @@ class Site:
         self.reader: PackedReader | None = None
         self.feedback = ErrorFeedback()  # what the uplink codec dropped, carried forward
         self.anchor: dict[str, torch.Tensor] = {}  # the global weights as last received
-        self._ahead: tuple[int, list[TrainResult]] | None = None  # trained between rounds
+        # trained between rounds: (after round, results, the sources consent allowed then)
+        self._ahead: tuple[int, list[TrainResult], set[int] | None] | None = None
+        self._allowed: set[int] | None = None  # sources consent lets this round read
+        self._yielded_base: dict[int, int] = {}  # reader's rows per source at the last save
+        self._key_signer: Signer | None = None
         self._keep_anchor = False  # save the received weights with the state (streaming,
         # delta downlink): the next plan builds on them
 
@@ -73,11 +80,20 @@ class Site:
         the overlap steps for real, in the background while the fragment travels
         (:meth:`train_ahead`); the local engine does them here, as many as configured."""
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and (ahead[0] != plan.round - 1 or plan.full):
-            self._completed = None  # unusable background steps: back to the saved state
+        allowed = allowed_sources(self.data_dir, plan.purpose)
+        if ahead is not None and (ahead[0] != plan.round - 1 or plan.full or
+                                  not _covers(allowed, ahead[2])):
+            # unusable background steps (or consent was withdrawn from data they read):
+            # back to the saved state
+            self._completed = None
             ahead = None
         self._build(plan)
         self._restore(plan)
+        if allowed is not None and not allowed:
+            raise ValueError(f"site {self.name}: no contribution in {self.data_dir} allows "
+                             f"the purpose {plan.purpose!r}")
+        self.reader.allow = None if allowed is None else allowed.__contains__
+        self._allowed = allowed
         trainer, model = self.trainer, self.model
         if trainer.cfg.reset_state:
             trainer.reset_optimizer()
@@ -125,12 +141,24 @@ class Site:
             encoded = self.feedback.encode(delta, up)
         else:
             encoded = encode(delta, up)
+        read = {s: n - self._yielded_base.get(s, 0) for s, n in self.reader.yielded.items()}
+        report = build_report(run_id=plan.run_id, round_=plan.round, site=self.name,
+                              purpose=plan.purpose, rows_by_source=read,
+                              sources=self.reader.dataset.sources,
+                              seq_len=self.reader.dataset.seq_len, delta=encoded)
         self._save(plan.round)
+        signer = self._signer()
         return SiteUpdate(
             run_id=plan.run_id, round=plan.round, site=self.name, delta=encoded,
             tokens=result.tokens, steps=result.steps, train_loss=result.loss,
             seconds=result.seconds, compute_seconds=result.compute_seconds, codec=up.spec,
-        )
+            report=report, report_signature=sign_report(report, signer), signer=signer.public)
+
+    def _signer(self) -> Signer:
+        """This site's own Ed25519 key (made on first use, kept with its state)."""
+        if self._key_signer is None:
+            self._key_signer = Signer.load_or_create(self.state_dir / "signing.key")
+        return self._key_signer
 
     def train_ahead(self, max_steps: int, stop: threading.Event) -> None:
         """Between rounds, in a site worker: train on (up to ``max_steps`` steps) until the
@@ -141,7 +169,7 @@ class Site:
         results = []
         while len(results) < max_steps and not stop.is_set():
             results.append(self.trainer.run(self.reader.next_batch, 1, 0, self._paced(None)))
-        self._ahead = (self._completed, results)
+        self._ahead = (self._completed, results, self._allowed)
 
     def _paced(self, on_step: Callable[[int, float], None] | None
                ) -> Callable[[int, float], None] | None:
@@ -181,6 +209,7 @@ class Site:
         self.reader = PackedReader(dataset, inner.batch_size, seed=data_seed(plan.seed, self.name))
         self.feedback = ErrorFeedback()
         self.anchor = {}
+        self._yielded_base = {}
         self._key, self._completed = key, None
 
     def saved_rounds(self) -> list[int]:
@@ -208,6 +237,7 @@ class Site:
             return
         self.trainer.load_state_dict(state["trainer"])
         self.reader.load_state_dict(state["reader"])
+        self._yielded_base = dict(self.reader.yielded)
         self.feedback.residual = dict(state.get("residual", {}))
         if state.get("local"):  # streaming: the model is not replaced whole every round
             params = dict(self.model.named_parameters())
@@ -225,6 +255,12 @@ class Site:
             state["local"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
             state["anchor"] = dict(self.anchor)
         save_state(state, self.state_dir / f"round-{round_:05d}")
+        self._yielded_base = dict(self.reader.yielded)
         self._completed = round_
         for old in self.saved_rounds()[:-KEEP_STATES]:
             shutil.rmtree(self.state_dir / f"round-{old:05d}", ignore_errors=True)
+
+
+def _covers(now: set[int] | None, then: set[int] | None) -> bool:
+    """Whether consent now still covers every source that was allowed ``then``."""
+    return now is None or (then is not None and then <= now)

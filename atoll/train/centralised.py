@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from atoll.consent.pool import consent_filter
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.train.inner import InnerConfig, InnerTrainer, TrainResult
 
@@ -28,7 +29,8 @@ class CentralisedBaseline:
     """A model trained on the union of the sites' data, kept level with the federation."""
 
     def __init__(self, kind: str, model: torch.nn.Module, inner: InnerConfig,
-                 data_dirs: list[str | Path], seq_len: int, seed: int, total_steps: int) -> None:
+                 data_dirs: list[str | Path], seq_len: int, seed: int, total_steps: int,
+                 purpose: str = "pretraining") -> None:
         if kind not in ("data_parallel", "sequential"):
             raise ValueError(f"unknown baseline kind {kind!r}")
         self.kind = kind
@@ -40,7 +42,7 @@ class CentralisedBaseline:
         for i, d in enumerate(data_dirs):
             s = int(hashlib.sha256(f"baseline:{seed}:{i}".encode()).hexdigest()[:8], 16)
             self.readers.append(PackedReader(TokenDataset(d, "train", seq_len), inner.batch_size,
-                                             seed=s))
+                                             seed=s, allow=consent_filter(d, purpose)))
         per_batch = inner.batch_size * seq_len * inner.grad_accum
         self.tokens_per_step = per_batch * (n if kind == "data_parallel" else 1)
         self.tokens = 0

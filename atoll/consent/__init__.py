@@ -1,0 +1,1 @@
+"""What contributors allowed: contributions, consent, revocation, deduplication."""

@@ -1,0 +1,118 @@
+"""The run's books: every update's signed report checked and valued, every round written down.
+
+:class:`Books` sits beside the coordinator. Its :meth:`Books.audit` is the coordinator's last
+check of an update (a report that is unsigned, signed by a key this site did not use before,
+or that disagrees with the update refuses it); :meth:`Books.close_round` appends the round to
+the ledger: one ``update`` entry per counted update (the site's signed report, its
+aggregation weight, alignment and value, :mod:`atoll.ledger.credit`) and one ``round`` entry
+(who counted, who was refused and why, the SHA-256 of the new global weights).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atoll.federation.coordinator import RoundOutcome
+from atoll.federation.protocol import SiteUpdate, digest
+from atoll.ledger.chain import Ledger, read_entries
+from atoll.ledger.credit import ValidationGradient, alignment
+from atoll.ledger.reports import check_report
+from atoll.ledger.signing import Signer
+
+LEDGER = "ledger.sqlite"
+KEY = "ledger.key"
+RULE = ("value = w * <grad L_val(theta), theta - theta_site>, w = the update's share of the "
+        "round's aggregation weight; split within a site by tokens read")
+
+
+class Books:
+    """Keeps the contribution ledger of the run in ``out``."""
+
+    def __init__(self, out: Path, run_id: str, purpose: str,
+                 state: Callable[[], tuple[int, dict[str, torch.Tensor]]],
+                 probe: ValidationGradient | None, staleness_exponent: float = 1.0) -> None:
+        self.run_id = run_id
+        self.purpose = purpose
+        self._state = state  # (the open round, the global weights)
+        self.probe = probe
+        self.staleness_exponent = staleness_exponent
+        self.signer = Signer.load_or_create(out / KEY)
+        path = out / LEDGER
+        self.entries = read_entries(path) if path.exists() else []
+        self.ledger = Ledger(path, self.signer)
+        self.pinned = {e.body["site"]: e.body["signer"] for e in self.entries
+                       if e.kind == "update"}
+        self._pending: dict[tuple[str, int], dict[str, Any]] = {}
+        self._grad: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def start(self, name: str, config_sha256: str) -> None:
+        """The genesis entry of a new run: who signs, what for, by which rule."""
+        if self.ledger.empty:
+            self._append("genesis", 0, {
+                "run_id": self.run_id, "name": name, "purpose": self.purpose,
+                "coordinator_key": self.signer.public, "config_sha256": config_sha256,
+                "credit_rule": RULE, "started": time.time()})
+
+    def resumed_at(self, round_: int) -> None:
+        """A restart from the checkpoint of ``round_``: rounds written after it never took
+        effect and are run again; say so rather than rewrite anything."""
+        done = {e.round for e in self.entries if e.kind in ("update", "round")}
+        for e in self.entries:
+            if e.kind == "void":
+                done -= set(e.body["rounds"])
+        lost = sorted(r for r in done if r > round_)
+        if lost:
+            self._append("void", round_, {"rounds": lost, "reason": f"the coordinator "
+                                          f"restarted from its checkpoint of round {round_}"})
+
+    def audit(self, update: SiteUpdate, delta: dict[str, torch.Tensor]) -> str | None:
+        """Check ``update``'s signed report and value it; a reason to refuse, or None."""
+        reason = check_report(update, self.run_id, self.purpose, self.pinned.get(update.site))
+        if reason is not None:
+            return reason
+        value = alignment(self._gradient(), delta) if self.probe else None
+        self._pending[(update.site, update.round)] = {
+            "site": update.site, "trained_in": update.round, "tokens": update.tokens,
+            "alignment": value if value is not None and math.isfinite(value) else None,
+            "report": update.report, "report_signature": update.report_signature,
+            "signer": update.signer}
+        return None
+
+    def _gradient(self) -> dict[str, torch.Tensor]:
+        """The validation gradient at the weights of the open round (once per round)."""
+        r, weights = self._state()
+        if self._grad is None or self._grad[0] != r:
+            self._grad = (r, self.probe(weights))
+        return self._grad[1]
+
+    def close_round(self, out: RoundOutcome, weights: dict[str, torch.Tensor]) -> None:
+        """Write round ``out.round`` into the ledger (after the outer step)."""
+        counted = [(s, out.round) for s in out.accepted]
+        counted += [k for k in self._pending if k[0] in out.late and k[1] < out.round]
+        bodies = [self._pending[k] for k in counted if k in self._pending]
+        for b in bodies:
+            lag = out.round - b["trained_in"]
+            b["late"] = lag > 0
+            b["weight"] = b["tokens"] / (1 + lag) ** self.staleness_exponent
+        total = sum(b["weight"] for b in bodies) or 1.0
+        for b in sorted(bodies, key=lambda b: (b["site"], b["trained_in"])):
+            b["weight"] /= total
+            b["value"] = None if b["alignment"] is None else b["weight"] * b["alignment"]
+            self._append("update", out.round, b)
+            self.pinned.setdefault(b["site"], b["signer"])
+        self._append("round", out.round, {
+            "accepted": out.accepted, "late": out.late, "rejected": out.rejected,
+            "applied": out.applied, "tokens": out.tokens, "model_sha256": digest(weights)})
+        self._pending.clear()
+
+    def _append(self, kind: str, round_: int, body: dict[str, Any]) -> None:
+        self.entries.append(self.ledger.append(kind, round_, body))
+
+    def close(self) -> None:
+        self.ledger.close()
