@@ -14,6 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from atoll.cli_contrib import add_parsers as add_contributor_commands
 from atoll.config import ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -272,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="where a run stands: sites, round, reports, losses")
     st.add_argument("run_dir")
     st.set_defaults(func=cmd_status)
+    add_contributor_commands(sub)
     return p
 
 
