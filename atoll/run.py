@@ -223,6 +223,7 @@ class Run:
             save_state(b.state_dict(), tmp / f"baseline-{b.kind}")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        self.coordinator.checkpointed = r
         for old in self.checkpoints()[: -self.cfg.checkpoint.keep]:
             shutil.rmtree(root / f"round-{old:05d}", ignore_errors=True)
         return final
@@ -242,6 +243,7 @@ class Run:
         path = self.out / "checkpoints" / f"round-{rounds[-1]:05d}"
         state = load_state(path / "coordinator")
         self.coordinator.load_state_dict(state)
+        self.coordinator.checkpointed = self.coordinator.round
         self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
         for b in self.baselines:
             b.load_state_dict(load_state(path / f"baseline-{b.kind}"))

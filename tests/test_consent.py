@@ -200,3 +200,29 @@ def test_the_ledger_chains_every_round_with_signed_reports(demo_data, tmp_path):
         rows = TokenDataset(demo_data[site], "train").rows(np.arange(0, 400, 10))
         pieces = [bytes(r[i : i + 24].astype(np.uint8)) for r in rows for i in (0, 30)]
         assert not [p for p in pieces if p in ledger]
+
+
+def test_a_restart_voids_the_rounds_it_repeats_and_shares_match(demo_data, tmp_path):
+    """Checkpoint every 2 rounds, crash in round 4: round 3 was written to the ledger but is
+    run again; the ledger says so (a void entry) and the shares equal the straight run's."""
+    from atoll.simulate import simulate
+    from tests.test_resume import Crash, CrashingEngine
+
+    cfg = small_config(demo_data, ["code", "speeches"], federation={"rounds": 4},
+                       checkpoint={"every": 2})
+    simulate(cfg, tmp_path / "straight", report=False)
+    out = tmp_path / "crashed"
+    run = Run(cfg, out)
+    with pytest.raises(Crash):
+        run.execute(CrashingEngine([Site(s.name, s.data, out / "sites" / s.name)
+                                    for s in cfg.sites], at=4))
+    run.close()
+    simulate(cfg, out, resume=True, report=False)
+    assert verify_ledger(out / "ledger.sqlite").ok
+    voids = [e for e in read_entries(out / "ledger.sqlite") if e.kind == "void"]
+    assert len(voids) == 1 and voids[0].body["rounds"] == [3]
+    a = shares(read_entries(tmp_path / "straight" / "ledger.sqlite"))
+    b = shares(read_entries(out / "ledger.sqlite"))
+    assert [(s.contributor, s.tokens) for s in a] == [(s.contributor, s.tokens) for s in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.share == pytest.approx(y.share, abs=1e-9)

@@ -119,6 +119,8 @@ class Coordinator:
         self.groups = split_fragments(self.outer.weights, federation.fragments)
         self._delivered: set[str] = set()  # sites whose update for the last round counted
         self.round = 0  # last closed round
+        self.checkpointed = 0  # last round saved where a restart would go back to (set by
+        # whoever saves checkpoints); sites keep the state to repeat the rounds after it
         self.step = 0  # schedule position at the start of the next round
         self.tokens = 0  # tokens trained into the global weights so far
         self._planned: list[str] = []
@@ -189,7 +191,8 @@ class Coordinator:
                 codec_up=self.up.spec, error_feedback=self.up.error_feedback,
                 fragments=c.fragments, fragment=fragment_of_round(r, c.fragments), full=full,
                 overlap_steps=c.overlap_steps, merge_alpha=c.merge_alpha,
-                keep_weights=self.down.delta, purpose=self.purpose)
+                keep_weights=self.down.delta, purpose=self.purpose,
+                keep_since=self.checkpointed)
         return plans
 
     def _downlink_change(self, r: int) -> dict[str, torch.Tensor] | None:

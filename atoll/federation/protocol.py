@@ -70,6 +70,9 @@ class RoundPlan:
     """After overlap: ``local = alpha * local + (1 - alpha) * global``."""
     purpose: str = "pretraining"
     """What the run trains for; the site reads only data whose consent covers it."""
+    keep_since: int = 0
+    """The coordinator's last checkpoint: it may restart from there and repeat later rounds,
+    so the site keeps the state it would need to repeat them."""
     keep_weights: bool = False
     """Delta downlink: keep the received weights, the next plans send changes against them."""
     changes_from: int = 0

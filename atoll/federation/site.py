@@ -146,7 +146,7 @@ class Site:
                               purpose=plan.purpose, rows_by_source=read,
                               sources=self.reader.dataset.sources,
                               seq_len=self.reader.dataset.seq_len, delta=encoded)
-        self._save(plan.round)
+        self._save(plan.round, plan.keep_since)
         signer = self._signer()
         return SiteUpdate(
             run_id=plan.run_id, round=plan.round, site=self.name, delta=encoded,
@@ -247,7 +247,7 @@ class Site:
             self.anchor = dict(state["anchor"])
         self._completed = latest
 
-    def _save(self, round_: int) -> None:
+    def _save(self, round_: int, keep_since: int = 0) -> None:
         state = {"key": self._key, "round": round_, "trainer": self.trainer.state_dict(),
                  "reader": self.reader.state_dict(), "residual": self.feedback.residual,
                  "saved_at": time.time()}
@@ -257,7 +257,10 @@ class Site:
         save_state(state, self.state_dir / f"round-{round_:05d}")
         self._yielded_base = dict(self.reader.yielded)
         self._completed = round_
-        for old in self.saved_rounds()[:-KEEP_STATES]:
+        saved = self.saved_rounds()
+        # a repeat of round keep_since + 1 starts from the newest state up to keep_since
+        floor = max([r for r in saved if r <= keep_since], default=0)
+        for old in [r for r in saved[:-KEEP_STATES] if r < floor]:
             shutil.rmtree(self.state_dir / f"round-{old:05d}", ignore_errors=True)
 
 
