@@ -226,3 +226,37 @@ def test_a_restart_voids_the_rounds_it_repeats_and_shares_match(demo_data, tmp_p
     assert [(s.contributor, s.tokens) for s in a] == [(s.contributor, s.tokens) for s in b]
     for x, y in zip(a, b, strict=True):
         assert x.share == pytest.approx(y.share, abs=1e-9)
+
+
+def test_a_garbage_site_earns_clearly_less(demo_data, tmp_path):
+    """The four demo domains plus a site whose tokens are shuffled bytes of the same text
+    (right letter frequencies, no language). Measured here (6 rounds of 10 steps): in round
+    1 every update, garbage too, teaches letter frequencies (values 2.17-2.98, garbage
+    2.21); from round 2 on the honest sites' values sum to +0.036 (scripture) .. +0.152
+    (code) and the garbage site's to -0.056: it pulls the model away from language. Shares:
+    garbage 3.5%, honest sites 12.7% (scripture) .. 37.2% (code)."""
+    from atoll.data.prepare import PrepareOptions, prepare
+    from atoll.simulate import simulate
+
+    raw = bytearray(b"".join(bytes(r.astype(np.uint8)) for r in TokenDataset(
+        demo_data["speeches"], "train").rows(np.arange(1500))))
+    random.Random(0).shuffle(raw)
+    garbage_file = tmp_path / "garbage.txt"
+    garbage_file.write_bytes(bytes(b if 32 <= b < 127 else 32 for b in raw))
+    prepare([garbage_file], tmp_path / "garbage", PrepareOptions(seq_len=64), log=lambda s: 0)
+    honest = ["code", "scripture", "shakespeare", "speeches"]
+    data = {**{s: demo_data[s] for s in honest}, "garbage": tmp_path / "garbage"}
+    cfg = small_config(data, federation={"rounds": 6, "steps_per_round": 10},
+                       outer={"lr": 1.0, "momentum": 0.0, "nesterov": False},
+                       eval={"sets": [{"name": s, "data": str(demo_data[s])} for s in honest]})
+    simulate(cfg, tmp_path / "run", report=False)
+    entries = read_entries(tmp_path / "run" / "ledger.sqlite")
+    later = {s: 0.0 for s in data}  # summed values after the first round
+    for e in entries:
+        if e.kind == "update" and e.round > 1:
+            later[e.body["site"]] += e.body["value"]
+    table = {s.sites[0]: s.share for s in shares(entries)}
+    print(later, table)
+    assert later["garbage"] < 0 < min(later[s] for s in honest), later
+    assert all(table[s] > 3 * table["garbage"] for s in honest), table
+    assert sum(table.values()) == pytest.approx(1.0)

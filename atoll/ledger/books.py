@@ -28,7 +28,8 @@ from atoll.ledger.signing import Signer
 LEDGER = "ledger.sqlite"
 KEY = "ledger.key"
 RULE = ("value = w * <grad L_val(theta), theta - theta_site>, w = the update's share of the "
-        "round's aggregation weight; split within a site by tokens read")
+        "round's aggregation weight; share = mean over rounds of max(value, 0) / the round's "
+        "sum of positive values, split within a site by tokens read")
 
 
 class Books:

@@ -13,9 +13,16 @@ forward and backward pass over a few validation batches per round, at the coordi
 data that never leaves it. An update that moves the model away from the validation data
 (garbage, poisoned) gets a value near zero or below.
 
-Within a site, a value is split among the contributors whose rows were read, by tokens.
-A contributor's share of the model is their summed positive value over everyone's (negative
-values earn nothing, and take nothing from others).
+A contributor's share of the model counts every round the same::
+
+    round share of site i = max(value_i, 0) / sum_j max(value_j, 0)
+    share of contributor c = sum over rounds of (round share of each site x the fraction of
+                             that site's tokens in the round that were c's) / rounds
+
+Rounds count the same because the raw loss drop is front-loaded: in the first rounds any
+text, even shuffled bytes, teaches letter frequencies and earns most of all the value there
+will ever be, and those rounds would otherwise decide everyone's share. A negative value
+earns nothing and takes nothing from the others.
 """
 
 from __future__ import annotations
@@ -91,17 +98,24 @@ def shares(entries: Iterable[Entry]) -> list[Share]:
             kept.append(e)
     tokens: dict[str, int] = defaultdict(int)
     value: dict[str, float] = defaultdict(float)
+    credit: dict[str, float] = defaultdict(float)
     sites: dict[str, set[str]] = defaultdict(set)
+    positive: dict[int, float] = defaultdict(float)  # round -> sum of positive values
+    for e in kept:
+        positive[e.round] += max(e.body.get("value") or 0.0, 0.0)
     for e in kept:
         b = e.body
         contribs = b["report"]["contributions"].values()
         total = sum(c["tokens"] for c in contribs) or 1
+        gain = max(b.get("value") or 0.0, 0.0)
         for c in contribs:
-            who = c["contributor"]
+            who, part = c["contributor"], c["tokens"] / total
             tokens[who] += c["tokens"]
             sites[who].add(b["site"])
-            value[who] += max(b.get("value") or 0.0, 0.0) * c["tokens"] / total
-    basis = value if sum(value.values()) > 0 else {k: float(v) for k, v in tokens.items()}
+            value[who] += (b.get("value") or 0.0) * part
+            if positive[e.round] > 0:
+                credit[who] += gain / positive[e.round] * part
+    basis = credit if sum(credit.values()) > 0 else {k: float(v) for k, v in tokens.items()}
     whole = sum(basis.values()) or 1.0
     out = [Share(who, sorted(sites[who]), tokens[who], value[who], basis[who] / whole)
            for who in tokens]
