@@ -102,6 +102,29 @@ def final_table(records: list[dict]) -> tuple[list[str], dict[str, dict[str, flo
     return domains, last
 
 
+def _contributors_html(run_dir: Path) -> str:
+    """The contributors' shares from the run's ledger, once it verifies."""
+    from atoll.ledger.books import LEDGER
+    from atoll.ledger.chain import read_entries, verify_ledger
+    from atoll.ledger.credit import shares
+
+    path = run_dir / LEDGER
+    if not path.exists():
+        return "<p>no ledger in this run folder</p>"
+    verdict = verify_ledger(path)
+    if not verdict.ok:
+        return f"<p><b>the ledger does not verify</b>: {html.escape(str(verdict))}</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(s.contributor)}</td><td>{html.escape(', '.join(s.sites))}</td>"
+        f"<td>{s.tokens:,}</td><td>{s.value:.4f}</td><td><b>{s.share:.1%}</b></td></tr>"
+        for s in shares(read_entries(path)))
+    return (f"<table><tr><th>contributor</th><th>sites</th><th>tokens trained</th>"
+            f"<th>value</th><th>share</th></tr>{rows}</table><p>From <code>{LEDGER}</code> "
+            f"({verdict.entries} entries, chain and signatures verified). Value: each "
+            f"update's first-order drop in validation loss, split by tokens; share: rounds "
+            f"counted alike (<code>atoll shares</code>).</p>")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Make ``plots/*.png`` and ``report.html`` in ``run_dir``; returns the report's path."""
     run_dir = Path(run_dir)
@@ -128,6 +151,7 @@ def write_report(run_dir: str | Path) -> Path:
     rejected = [(r["round"], s, why) for r in fed for s, why in (r.get("rejected") or {}).items()]
     rej_html = "".join(f"<li>round {n}: {html.escape(s)}: {html.escape(w)}</li>"
                        for n, s, w in rejected) or "<li>none</li>"
+    contributors = _contributors_html(run_dir)
     config = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else ""
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     page = f"""<!doctype html>
@@ -148,6 +172,7 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
 <h2>Bytes on the wire</h2><img src="plots/bytes_on_wire.png">
 <h2>Tokens per site</h2><img src="plots/site_tokens.png">
 <h2>Rejected updates</h2><ul>{rej_html}</ul>
+<h2>Who contributed what</h2>{contributors}
 <h2>Configuration</h2><pre>{html.escape(config)}</pre>
 </body></html>"""
     path = run_dir / "report.html"
