@@ -38,8 +38,8 @@ data = "{demo_data['speeches']}"
     assert main(["simulate", str(cfg), "--out", str(out), "inner.lr=0.002"]) == 0
     for name in ("config.toml", "metrics.jsonl", "run.json", "report.html", "model/config.json",
                  "model/model.safetensors", "model/tokenizer.json", "plots/bytes_on_wire.png",
-                 "plots/site_tokens.png", "checkpoints/round-00002/coordinator/state.json", "ledger.sqlite",
-                 "ledger.sqlite.head", "ledger.key.pub"):
+                 "plots/site_tokens.png", "checkpoints/round-00002/coordinator/state.json",
+                 "ledger.sqlite", "ledger.sqlite.head", "ledger.key.pub"):
         assert (out / name).exists(), name
     assert "lr = 0.002" in (out / "config.toml").read_text()
     records = read_metrics(out / "metrics.jsonl")

@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from atoll.deploy.keys import make_keys
+from atoll.ledger.chain import read_entries, verify_ledger
+from atoll.ledger.credit import shares
 from atoll.metrics import read_metrics
 from atoll.run_config import load_run_config
 from atoll.simulate import simulate
@@ -65,8 +67,15 @@ def test_flower_equals_local_engine_and_refuses_strangers(demo_data, tmp_path, f
     assert all(sorted(r["sites"]) == list(SITES) for r in rounds)
     assert any((tmp_path / "store").rglob("global.safetensors"))  # weights went by the store
     assert fed.sites["intruder"].wait(timeout=120) != 0  # refused by the SuperLink
-    assert "does not accept this site's key" in fed.log("intruder")
+    assert "refused this site's key" in fed.log("intruder")
     assert "intruder" not in str(read_metrics(fed.out / "metrics.jsonl"))
+    # the same books: every site's signed report checked, the same credit as locally
+    assert verify_ledger(fed.out / "ledger.sqlite").ok
+    a = shares(read_entries(fed.out / "ledger.sqlite"))
+    b = shares(read_entries(tmp_path / "local" / "ledger.sqlite"))
+    assert [(s.contributor, s.tokens) for s in a] == [(s.contributor, s.tokens) for s in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.share == pytest.approx(y.share, rel=1e-3)
 
 
 def test_site_killed_late_joiner_and_restart(demo_data, tmp_path, federation):
