@@ -61,7 +61,8 @@ class Run:
             init, run_id=self.run_id, seed=cfg.seed, federation=cfg.federation,
             outer=cfg.outer, inner=cfg.inner, model_config=self.model.config.to_dict(),
             seq_len=cfg.data.seq_len, total_steps=cfg.total_steps, up=cfg.comm.up,
-            down=cfg.comm.down, purpose=cfg.purpose)
+            down=cfg.comm.down, purpose=cfg.purpose, checks=cfg.checks,
+            aggregation=cfg.aggregation, privacy=cfg.privacy)
         self.eval_sets = self._eval_sets()
         probe_batches = [b for batches in self.eval_sets.values()
                          for b in batches[: cfg.credit.batches]]
@@ -168,6 +169,8 @@ class Run:
             "step": self.coordinator.step, "train_loss": out.train_loss if out else None,
             "val_loss": fed_val, "sites": out.accepted if out else [],
             "rejected": out.rejected if out else {}, "late": out.late if out else [],
+            "rejected_count": len(out.rejected) if out else 0,
+            "epsilon": out.epsilon if out else None,
             "bytes_up": sum(u.bytes_up for u in report.replies) if report else 0,
             "bytes_down": sum(u.bytes_down for u in report.replies) if report else 0,
             "seconds": seconds, "ended": time.time()}

@@ -11,8 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atoll.config import ConfigError, load
+from atoll.federation.checks import ChecksConfig
 from atoll.federation.codecs import CodecConfig
 from atoll.federation.coordinator import FederationConfig
+from atoll.federation.faults import check_fault
+from atoll.federation.privacy import PrivacyConfig
+from atoll.federation.robust import AggregationConfig
 from atoll.ledger.credit import CreditConfig
 from atoll.model import ModelConfig
 from atoll.train.inner import InnerConfig
@@ -32,8 +36,12 @@ class SiteConfig:
     sites allowed to take part, and ``data`` is left out."""
     pace_s: float = 0.0
     """Simulation only: every inner step takes at least this long (emulates slower hardware)."""
+    fault: str = ""
+    """Simulation only, for drills and benchmarks: make this site misbehave (sign_flip,
+    scale100, noise, zero, replay, nan, shape, stale, garbage; atoll.federation.faults)."""
 
     def check(self) -> None:
+        check_fault(self.fault)
         if not self.name or any(c in self.name for c in "/\\ \t"):
             raise ValueError(f"site name {self.name!r} must be non-empty, without spaces or /")
 
@@ -146,6 +154,9 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     credit: CreditConfig = field(default_factory=CreditConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sites: list[SiteConfig] = field(default_factory=list)
 
     def check(self) -> None:
@@ -158,6 +169,9 @@ class RunConfig:
             raise ValueError("with a time budget and no steps_per_round cap, set "
                              "inner.total_steps (the learning-rate schedule's length)")
         f = self.federation
+        if self.privacy.enabled and self.aggregation.rule != "mean":
+            raise ValueError("privacy (noise_multiplier > 0) needs aggregation.rule = "
+                             "\"mean\": the noise is calibrated to a clipped sum")
         if self.comm.down.delta and (f.fragments > 1 or f.overlap_steps):
             raise ValueError("comm.down.delta does not combine with streaming sync "
                              "(federation.fragments / overlap_steps): fragments are sent whole")

@@ -147,5 +147,5 @@ def _start_worker(o: SiteOptions, log: Callable[[str], None]) -> SiteWorker:
             f"{update['tokens']} tokens, loss {update['train_loss']:.4f}, "
             f"{update['seconds']:.1f}s")
 
-    site = Site(o.name, o.data, o.state)
+    site = Site(o.name, o.data, o.state, fault=o.fault)
     return SiteWorker(site, o.state, fault=o.fault, on_round=on_round).start()

@@ -44,14 +44,14 @@ def call_worker(state_dir: str | Path, head: dict[str, Any], blob: bytes
 def handle_plan(site: Any, head: dict[str, Any], blob: bytes, fault: str = ""
                 ) -> tuple[dict[str, Any], bytes]:
     """Train one round: plan (header + weights bytes) in, update (header + bytes) out."""
-    from atoll.federation.faults import apply_fault
+    from atoll.federation.faults import apply_fault, message_fault
     from atoll.federation.protocol import RoundPlan, from_parts, header, tensor_bytes
 
     plan = from_parts(head, blob, RoundPlan)
     if plan.site != site.name:
         raise WireError(f"plan addressed to site {plan.site!r} reached site {site.name!r}")
     update = site.run(plan)
-    update, out = apply_fault(update, tensor_bytes(update.delta), fault)
+    update, out = apply_fault(update, tensor_bytes(update.delta), message_fault(fault))
     return header(update), out
 
 

@@ -76,7 +76,8 @@ def site_main(msg: Message, context: Context) -> Message:
 
         if int(node.get("threads", 0)) > 0:
             torch.set_num_threads(int(node["threads"]))
-        site = Site(str(node["name"]), str(node["data"]), str(node["state"]))
+        site = Site(str(node["name"]), str(node["data"]), str(node["state"]),
+                    fault=str(node.get("fault", "")))
         reply, out = handle_plan(site, head, blob, str(node.get("fault", "")))
     payload = pack(out, store, f"{head['run_id']}/round-{head['round']:05d}/{node['name']}.update")
     payload["update"] = ConfigRecord({"header": json.dumps(reply)})

@@ -13,10 +13,12 @@ encoding as a real federation. A site that raises is reported as a failure; the 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+from atoll.federation.faults import apply_fault, message_fault
 from atoll.federation.protocol import (
     RoundPlan,
     SiteFailure,
@@ -34,8 +36,10 @@ class LocalEngine:
     """Runs :class:`Site` objects in-process."""
 
     def __init__(self, sites: list[Site], on_step: StepCallback | None = None,
-                 parallel: bool = False) -> None:
+                 parallel: bool = False, faults: dict[str, str] | None = None) -> None:
         self.sites = {s.name: s for s in sites}
+        # testing: what happens to a site's messages on the way (faults.WIRE_FAULTS)
+        self.faults = {k: message_fault(v) for k, v in (faults or {}).items()}
         self.on_step = on_step
         self.parallel = parallel
         self._pool = ThreadPoolExecutor(max_workers=len(sites)) if parallel else None
@@ -54,7 +58,12 @@ class LocalEngine:
             if self.on_step is not None:
                 def callback(step: int, loss: float) -> None:
                     self.on_step(name, plan.round, step, loss)
-            up = to_bytes(self.sites[name].run(site_plan, on_step=callback))
+            update = self.sites[name].run(site_plan, on_step=callback)
+            if self.faults.get(name):
+                update, _ = apply_fault(update, b"", self.faults[name])
+            up = to_bytes(update)
+            if self.faults.get(name) == "garbage":
+                up = os.urandom(len(up))
             reply = from_bytes(up, SiteUpdate)
         except WireError as e:
             return SiteFailure(site=name, round=plan.round, reason=str(e))

@@ -5,6 +5,10 @@ A rejected update is reported with its reason and left out of the round; the oth
 
 from __future__ import annotations
 
+import math
+import statistics
+from dataclasses import dataclass
+
 import torch
 
 from atoll.federation.protocol import SiteUpdate
@@ -44,3 +48,72 @@ def check_delta(delta: dict[str, torch.Tensor],
         if not torch.isfinite(t).all():
             return f"tensor {name!r} holds NaN or infinite values"
     return None
+
+
+@dataclass
+class ChecksConfig:
+    """Bounds an update must keep to, besides being well-formed."""
+
+    max_norm_ratio: float = 10.0
+    """Reject an update whose L2 norm exceeds this multiple of the median norm of the
+    updates accepted in the last ``norm_window`` rounds (0 = no bound)."""
+    norm_window: int = 3
+    reject_zero: bool = True
+    """Reject an all-zero update (a free rider that trained nothing)."""
+    reject_replay: bool = True
+    """Reject an update identical to one this site sent before (a replay)."""
+
+    def check(self) -> None:
+        if self.max_norm_ratio < 0 or self.norm_window < 1:
+            raise ValueError("checks.max_norm_ratio must be >= 0 and checks.norm_window >= 1")
+
+
+class UpdateGuard:
+    """The coordinator's memory of recent updates, for the checks that need one: norms of
+    the last rounds (median as the yardstick) and what each site already sent."""
+
+    REPLAY_MEMORY = 8  # updates remembered per site
+
+    def __init__(self, cfg: ChecksConfig) -> None:
+        self.cfg = cfg
+        # per part of the model synced (streaming fragments differ in size), per closed
+        # round, the accepted updates' norms
+        self.norms: dict[str, list[list[float]]] = {}
+        self.seen: dict[str, list[str]] = {}
+        self._round: dict[str, list[float]] = {}
+
+    def check(self, site: str, delta: dict[str, torch.Tensor], fingerprint: str,
+              part: str = "all") -> tuple[str | None, float]:
+        """The reason to reject ``delta`` (or None) and its L2 norm."""
+        norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+        if self.cfg.reject_zero and norm == 0.0:
+            return "empty update (all zeros): nothing was trained", norm
+        if self.cfg.reject_replay and fingerprint in self.seen.get(site, []):
+            return "replay: identical to an update this site sent before", norm
+        recent = [n for r in self.norms.get(part, [])[-self.cfg.norm_window:] for n in r]
+        if self.cfg.max_norm_ratio and recent:
+            median = statistics.median(recent)
+            if median > 0 and norm > self.cfg.max_norm_ratio * median:
+                return (f"norm {norm:.4g} is {norm / median:.1f}x the recent median "
+                        f"{median:.4g} (limit {self.cfg.max_norm_ratio:g}x)"), norm
+        return None, norm
+
+    def accepted(self, site: str, norm: float, fingerprint: str, part: str = "all") -> None:
+        self._round.setdefault(part, []).append(norm)
+        seen = self.seen.setdefault(site, [])
+        seen.append(fingerprint)
+        del seen[: -self.REPLAY_MEMORY]
+
+    def close_round(self) -> None:
+        for part, norms in self._round.items():
+            history = self.norms.setdefault(part, [])
+            history.append(norms)
+            del history[: -self.cfg.norm_window]
+        self._round = {}
+
+    def state_dict(self) -> dict:
+        return {"norms": self.norms, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.norms = {k: [list(r) for r in v] for k, v in state.get("norms", {}).items()}
+        self.seen = {k: list(v) for k, v in state.get("seen", {}).items()}

@@ -17,10 +17,12 @@ import torch
 
 from atoll.errors import WireError
 from atoll.federation.aggregate import WeightedMean
-from atoll.federation.checks import check_delta, check_header
+from atoll.federation.checks import ChecksConfig, UpdateGuard, check_delta, check_header
 from atoll.federation.codecs import CodecConfig, decode, encode, parse_spec
 from atoll.federation.fragments import fragment_of_round, split_fragments
-from atoll.federation.protocol import RoundPlan, SiteUpdate
+from atoll.federation.privacy import PrivacyConfig, PrivateMean, epsilon
+from atoll.federation.protocol import RoundPlan, SiteUpdate, digest
+from atoll.federation.robust import AggregationConfig, RobustAggregate
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig, OuterOptimizer
 
@@ -89,6 +91,8 @@ class RoundOutcome:
     train_loss: float | None = None
     applied: bool = False
     """Whether the outer step was taken (False when no valid update arrived)."""
+    epsilon: float | None = None
+    """With differential privacy: the budget spent after this round."""
 
 
 class Coordinator:
@@ -98,7 +102,9 @@ class Coordinator:
                  federation: FederationConfig, outer: OuterConfig, inner: InnerConfig,
                  model_config: dict, seq_len: int, total_steps: int,
                  up: CodecConfig | None = None, down: CodecConfig | None = None,
-                 purpose: str = "pretraining",
+                 purpose: str = "pretraining", checks: ChecksConfig | None = None,
+                 aggregation: AggregationConfig | None = None,
+                 privacy: PrivacyConfig | None = None,
                  audit: Callable[[SiteUpdate, dict[str, torch.Tensor]], str | None] | None = None
                  ) -> None:
         self.run_id = run_id
@@ -106,6 +112,11 @@ class Coordinator:
         # A last check of a decoded, well-formed update by whoever keeps the books (the
         # contribution ledger): its reason to refuse it, or None.
         self.audit = audit
+        self.guard = UpdateGuard(checks or ChecksConfig())
+        self.aggregation = aggregation or AggregationConfig()
+        self.privacy = privacy or PrivacyConfig()
+        self.privacy_history: list[tuple[float, float]] = []  # (sigma, q) per noisy round
+        self._sample_rate = 1.0
         self.up = up or CodecConfig()
         self.down = down or CodecConfig()
         self.seed = seed
@@ -145,6 +156,7 @@ class Coordinator:
         """The sites that train in the next round: all, or a seeded sample of k."""
         sites = sorted(available)
         k = self.cfg.sites_per_round
+        self._sample_rate = k / len(sites) if k and k < len(sites) else 1.0
         if k and k < len(sites):
             rng = np.random.default_rng([self.seed, self.round + 1])
             sites = sorted(rng.choice(sites, size=k, replace=False).tolist())
@@ -154,7 +166,7 @@ class Coordinator:
         """Start round ``self.round + 1`` with ``sites``; one plan per site."""
         r = self.round + 1
         self._planned = list(sites)
-        self._mean = WeightedMean()
+        self._mean = self._aggregate(len(sites))
         self._outcome = RoundOutcome(round=r, planned=list(sites))
         self._loss_sum = self._step_sum = 0.0
         self._on_time_tokens = 0
@@ -224,6 +236,15 @@ class Coordinator:
             self._full_held = encode(self.held, CodecConfig())
         return self._full_held
 
+    def _aggregate(self, planned: int) -> WeightedMean | RobustAggregate | PrivateMean:
+        """Where the round's updates are combined: the token-weighted mean, a robust rule,
+        or (with differential privacy) a clipped, noised sum."""
+        if self.privacy.enabled:
+            return PrivateMean(self.privacy, planned)
+        if self.aggregation.rule == "mean":
+            return WeightedMean()
+        return RobustAggregate(self.aggregation)
+
     def accept(self, update: SiteUpdate) -> str | None:
         """Check ``update`` and fold it into the round; returns the rejection reason, if any."""
         out = self._outcome
@@ -279,9 +300,17 @@ class Coordinator:
         except WireError as e:
             return None, f"undecodable update: {e}"
         reason = check_delta(delta, shapes)
+        if reason is not None:
+            return None, reason
+        part = str(fragment_of_round(update.round, self.cfg.fragments))
+        fingerprint = digest(update.delta)
+        reason, norm = self.guard.check(update.site, delta, fingerprint, part)
         if reason is None and self.audit is not None:
             reason = self.audit(update, delta)
-        return (None, reason) if reason else (delta, None)
+        if reason is not None:
+            return None, reason
+        self.guard.accepted(update.site, norm, fingerprint, part)  # it counts from here on
+        return delta, None
 
     def _synced(self, round_: int) -> list[str]:
         """The tensors synced in ``round_`` (all of them unless streaming)."""
@@ -310,6 +339,11 @@ class Coordinator:
                 out.steps = round(self._step_sum / on_time)
             self.step += out.steps
             self.tokens += out.tokens
+            if self.privacy.enabled:  # the noisy aggregate was released: budget spent
+                self.privacy_history.append((self.privacy.noise_multiplier, self._sample_rate))
+        if self.privacy.enabled:
+            out.epsilon = self.epsilon()
+        self.guard.close_round()
         self._delivered = set(out.accepted)
         missed = set(out.planned) - set(out.accepted)
         if missed and self.cfg.max_staleness:
@@ -320,6 +354,13 @@ class Coordinator:
         self._outcome = self._mean = None
         return out
 
+    def epsilon(self) -> float:
+        """Privacy spent so far: epsilon for ``privacy.delta`` (RDP accountant)."""
+        rounds: dict[tuple[float, float], int] = {}
+        for key in self.privacy_history:
+            rounds[key] = rounds.get(key, 0) + 1
+        return epsilon([(s, q, n) for (s, q), n in rounds.items()], self.privacy.delta)
+
     def state_dict(self) -> dict:
         missed = {str(r): sorted(s) for r, s in self._missed.items()}
         state = {"run_id": self.run_id, "round": self.round, "step": self.step,
@@ -327,7 +368,8 @@ class Coordinator:
                  "weights": dict(self.weights), "outer": self.outer.state_dict()}
         if self.held is not None:
             state |= {"held": dict(self.held), "held_round": self.held_round}
-        return state
+        return state | {"guard": self.guard.state_dict(),
+                        "privacy_history": [list(h) for h in self.privacy_history]}
 
     def load_state_dict(self, state: dict) -> None:
         if state["run_id"] != self.run_id:
@@ -341,6 +383,8 @@ class Coordinator:
         self.tokens = int(state["tokens"])
         self._missed = {int(r): set(s) for r, s in state.get("missed", {}).items()}
         self._delivered = set(state.get("delivered", []))
+        self.guard.load_state_dict(state.get("guard", {}))
+        self.privacy_history = [tuple(h) for h in state.get("privacy_history", [])]
         if "held" in state:
             self.held = {n: t.clone() for n, t in state["held"].items()}
             self.held_round = int(state["held_round"])

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from atoll.consent.pool import allowed_sources
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.federation.codecs import ErrorFeedback, decode, encode, parse_spec
+from atoll.federation.faults import check_fault, corrupt_delta, delta_fault
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import RoundPlan, SiteUpdate
 from atoll.ledger.reports import build_report, sign_report
@@ -47,8 +48,11 @@ class Site:
     """One member of a federation, with data that never leaves it."""
 
     def __init__(self, name: str, data_dir: str | Path, state_dir: str | Path,
-                 pace_s: float = 0.0) -> None:
+                 pace_s: float = 0.0, fault: str = "") -> None:
+        check_fault(fault)
         self.name = name
+        self.fault = delta_fault(fault)  # testing: a hostile or broken site (faults.py)
+        self._first_sent: dict[str, torch.Tensor] | None = None  # for the replay fault
         self.pace_s = pace_s  # emulated hardware: every inner step takes at least this long
         self.data_dir = Path(data_dir)
         self.state_dir = Path(state_dir)
@@ -136,11 +140,16 @@ class Site:
         with torch.no_grad():
             delta = {n: self.anchor[n] - params[n].detach() for n in sent}
         self._keep_anchor = streaming or plan.keep_weights
+        if self.fault:
+            delta = corrupt_delta(delta, self.fault, seed=plan.round)
         up = parse_spec(plan.codec_up)
         if plan.error_feedback and not up.lossless:
             encoded = self.feedback.encode(delta, up)
         else:
             encoded = encode(delta, up)
+        if self.fault == "replay":
+            self._first_sent = self._first_sent or encoded
+            encoded = self._first_sent
         read = {s: n - self._yielded_base.get(s, 0) for s, n in self.reader.yielded.items()}
         report = build_report(run_id=plan.run_id, round_=plan.round, site=self.name,
                               purpose=plan.purpose, rows_by_source=read,

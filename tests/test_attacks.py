@@ -1,0 +1,158 @@
+"""Hostile and broken sites: every bad update is rejected with its reason and leaves the
+global weights exactly as if that site had not been there; robust rules and differential
+privacy do what they say."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atoll.federation.privacy import PrivacyConfig, PrivateMean, clip_update
+from atoll.federation.robust import AggregationConfig, RobustAggregate, trimmed_mean
+from atoll.metrics import read_metrics
+from atoll.simulate import simulate
+from tests.conftest import small_config
+
+HONEST = ["code", "speeches"]
+
+
+def rounds_of(out):
+    return [r for r in read_metrics(out / "metrics.jsonl")
+            if r["kind"] == "round" and r["run"] == "federation" and r["round"] > 0]
+
+
+def with_fault(demo_data, fault, **sections):
+    cfg = small_config(demo_data, [*HONEST, "scripture"], **sections)
+    cfg.sites[-1].fault = fault
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def clean(demo_data, tmp_path_factory):
+    """The run without the misbehaving site."""
+    out = tmp_path_factory.mktemp("clean")
+    return simulate(small_config(demo_data, HONEST), out, report=False)
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("nan", "holds NaN or infinite values"),
+    ("shape", "has shape"),
+    ("zero", "empty update (all zeros)"),
+    ("stale", "stale: for round"),
+    ("garbage", "not an atoll message"),
+])
+def test_a_bad_update_is_rejected_and_leaves_no_trace(demo_data, tmp_path, clean, fault, reason):
+    run = simulate(with_fault(demo_data, fault), tmp_path / "run", report=False)
+    for r in rounds_of(tmp_path / "run"):
+        assert r["sites"] == HONEST or sorted(r["sites"]) == HONEST
+        assert reason in r["rejected"]["scripture"], r["rejected"]
+        assert r["rejected_count"] == 1
+    for n, w in clean.coordinator.weights.items():
+        assert torch.equal(w, run.coordinator.weights[n]), n
+
+
+def test_a_replayed_update_is_refused(demo_data, tmp_path):
+    simulate(with_fault(demo_data, "replay"), tmp_path / "run", report=False)
+    rounds = rounds_of(tmp_path / "run")
+    assert "scripture" in rounds[0]["sites"]  # its first update is an honest one
+    for r in rounds[1:]:
+        assert "replay: identical to an update this site sent before" in \
+            r["rejected"]["scripture"]
+
+
+def test_an_outsized_update_is_refused_once_there_is_a_yardstick(demo_data, tmp_path):
+    simulate(with_fault(demo_data, "scale100", federation={"rounds": 4}), tmp_path / "run",
+             report=False)
+    rounds = rounds_of(tmp_path / "run")
+    assert "scripture" in rounds[0]["sites"]  # round 1: no recent median to compare with
+    for r in rounds[1:]:
+        assert "x the recent median" in r["rejected"]["scripture"], r["rejected"]
+
+
+def updates(n=7, shape=(5, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"w": torch.randn(shape, generator=g), "b": torch.randn(4, generator=g)}
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_median_and_trimmed_mean_match_a_reference(rule):
+    ups = updates()
+    agg = RobustAggregate(AggregationConfig(rule=rule, trim=0.2))
+    for i, u in enumerate(ups):
+        agg.add(u, weight=float(i + 1))  # weights do not buy influence here
+    out = agg.result()
+    for name in ("w", "b"):
+        stacked = torch.stack([u[name] for u in ups])
+        if rule == "median":
+            want = stacked.median(dim=0).values
+        else:  # 7 updates, 20%: drop the lowest and highest value per coordinate
+            want = stacked.sort(dim=0).values[1:-1].mean(dim=0)
+        torch.testing.assert_close(out[name], want)
+    assert not agg.spill.dir.exists()  # the spilled updates are gone
+
+
+def test_trimmed_mean_edge_cases():
+    x = torch.tensor([[1.0], [2.0], [100.0]])
+    assert trimmed_mean(x, 0.1).item() == 2.0  # three or more: at least one trimmed
+    assert trimmed_mean(x[:2], 0.4).item() == 1.5  # two: nothing to trim
+
+
+def test_centered_clipping_pulls_in_an_outlier_and_keeps_the_bulk():
+    honest = [{"w": torch.full((10,), 1.0) + 0.01 * i} for i in range(4)]
+    hostile = {"w": torch.full((10,), -1000.0)}
+    agg = RobustAggregate(AggregationConfig(rule="centered_clip"))
+    for u in [*honest, hostile]:
+        agg.add(u, weight=1.0)
+    out = agg.result()["w"]
+    # plain mean would be about -199; the outlier moves the result by at most tau / 5
+    assert (out - 1.015).abs().max() < 0.02, out
+    # with no outlier it is the (weighted) mean up to the clipping of the spread
+    agg = RobustAggregate(AggregationConfig(rule="centered_clip"))
+    for u in honest:
+        agg.add(u, weight=1.0)
+    torch.testing.assert_close(agg.result()["w"], torch.full((10,), 1.015), atol=0.01, rtol=0)
+
+
+def test_dp_noise_has_the_configured_scale_and_updates_are_clipped():
+    cfg = PrivacyConfig(noise_multiplier=1.3, clip=0.5)
+    shape = (400, 500)  # 200k coordinates: the sample std is within 0.5% of the truth
+    small = {"w": torch.full(shape, 1e-4)}  # norm 0.045 < clip: not changed
+    big = {"w": torch.full(shape, 1.0)}  # norm 447: clipped to 0.5
+    assert math.isclose(float(clip_update(big, 0.5)["w"].double().norm()), 0.5, rel_tol=1e-6)
+    mean = PrivateMean(cfg, planned=4, generator=torch.Generator().manual_seed(1))
+    for u in (small, small, big):  # three of four planned sites reported
+        mean.add(u, weight=123.0)
+    out = mean.result()["w"]
+    signal = (2 * 1e-4 + 0.5 / math.sqrt(400 * 500)) / 4
+    noise = out - signal
+    expected_std = 1.3 * 0.5 / 4
+    assert abs(noise.std().item() / expected_std - 1) < 0.02
+    assert abs(noise.mean().item()) < 4 * expected_std / math.sqrt(noise.numel())
+
+
+def test_reported_epsilon_is_the_accountants(demo_data, tmp_path):
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    cfg = small_config(demo_data, ["code", "scripture", "speeches"],
+                       federation={"rounds": 3, "sites_per_round": 2},
+                       privacy={"noise_multiplier": 1.1, "clip": 0.3, "delta": 1e-5})
+    simulate(cfg, tmp_path / "run", report=False)
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    for r in rounds_of(tmp_path / "run"):
+        rdp = compute_rdp(q=2 / 3, noise_multiplier=1.1, steps=r["round"], orders=orders)
+        eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+        assert r["epsilon"] == pytest.approx(eps, rel=1e-9)
+    eps = [r["epsilon"] for r in rounds_of(tmp_path / "run")]
+    assert eps == sorted(eps) and eps[0] > 0
+
+
+def test_dp_needs_the_mean():
+    from atoll.config import from_dict
+    from atoll.run_config import RunConfig
+
+    with pytest.raises(ValueError, match="needs aggregation.rule"):
+        from_dict(RunConfig, {"privacy": {"noise_multiplier": 1.0},
+                              "aggregation": {"rule": "median"}}).check()
