@@ -148,7 +148,8 @@ class Run:
                 "train_loss": u.train_loss, "tokens": u.tokens, "steps": u.steps,
                 "seconds": u.seconds, "compute_seconds": u.compute_seconds,
                 "bytes_up": u.bytes_up, "bytes_down": u.bytes_down,
-                "accepted": u.site in out.accepted, "reason": out.rejected.get(u.site)})
+                "accepted": u.site in out.accepted, "reason": out.rejected.get(u.site),
+                "norm": out.norms.get(u.site)})
             self.bytes_up += u.bytes_up
             self.bytes_down += u.bytes_down
         for f in report.failures:

@@ -91,6 +91,9 @@ class RoundOutcome:
     train_loss: float | None = None
     applied: bool = False
     """Whether the outer step was taken (False when no valid update arrived)."""
+    norms: dict[str, float] = field(default_factory=dict)
+    """L2 norm of each counted update (the yardstick of checks.max_norm_ratio and of
+    privacy.clip)."""
     epsilon: float | None = None
     """With differential privacy: the budget spent after this round."""
 
@@ -310,6 +313,7 @@ class Coordinator:
         if reason is not None:
             return None, reason
         self.guard.accepted(update.site, norm, fingerprint, part)  # it counts from here on
+        self._outcome.norms[update.site] = norm
         return delta, None
 
     def _synced(self, round_: int) -> list[str]:
