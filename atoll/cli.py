@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no TLS, no authentication (loopback development only)")
     t.add_argument("--max-wait", type=float, default=0.0,
                    help="give up after this many seconds without a connection (0 = never)")
-    t.add_argument("--fault", help=argparse.SUPPRESS)  # testing: stale | garbage | nan
+    t.add_argument("--fault", choices=["sign_flip", "scale100", "noise", "zero", "replay", "nan",
+                                       "shape", "stale", "garbage"],
+                   help="drills: make this site misbehave (see the README)")
     t.set_defaults(func=cmd_site)
 
     sl = sub.add_parser("slowlink", help="emulate a slow, lossy link (a TCP proxy)")
