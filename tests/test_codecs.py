@@ -169,7 +169,7 @@ def test_delta_downlink_int4_shrinks_the_downlink_and_keeps_training(demo_data, 
         change = (r["bytes_down"] - (2 - len(kept)) * whole) / len(kept)
         assert whole / change > 6, (whole, change)
     c = packed.coordinator
-    gap = max((c.weights[n] - c.held[n]).abs().max().item() for n in c.weights)
+    gap = max((c.weights[n] - c.downlink.held[n]).abs().max().item() for n in c.weights)
     step = max((c.weights[n] - plain.coordinator.weights[n]).abs().max().item()
                for n in c.weights)
     assert 0 < gap < 0.05 and step < 0.1

@@ -19,6 +19,7 @@ from atoll.errors import WireError
 from atoll.federation.aggregate import WeightedMean
 from atoll.federation.checks import ChecksConfig, UpdateGuard, check_delta, check_header
 from atoll.federation.codecs import CodecConfig, decode, encode, parse_spec
+from atoll.federation.downlink import Downlink
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.privacy import PrivacyConfig, PrivateMean, epsilon
 from atoll.federation.protocol import RoundPlan, SiteUpdate, digest
@@ -144,12 +145,7 @@ class Coordinator:
         self._step_sum = 0.0
         self._on_time_tokens = 0
         self._missed: dict[int, set[str]] = {}  # round -> planned sites that did not deliver
-        # Delta downlink: the weights the sites hold (what they decoded), and the round that
-        # sent them. The global weights minus these is what is still to be sent.
-        self.held: dict[str, torch.Tensor] | None = None
-        self.held_round = 0
-        self._changes: dict[str, torch.Tensor] | None = None
-        self._full_held: dict[str, torch.Tensor] | None = None
+        self.downlink = Downlink(self.down)  # with comm.down.delta: the sites' copy
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -185,7 +181,7 @@ class Coordinator:
                 payloads[full] = encode({n: self.weights[n] for n in names}, self.down)
             return payloads[full]
 
-        changes = self._downlink_change(r) if self.down.delta else None
+        changes = self.downlink.advance(self.weights, r) if self.down.delta else None
         plans = {}
         for s in sites:
             # a site that delivered last round holds every fragment but the one just synced,
@@ -197,7 +193,7 @@ class Coordinator:
                 down = {"weights": changes, "codec_down": self.down.spec,
                         "changes_from": r - 1}
             else:  # no copy yet, or this site may not hold it: the copy, whole
-                down = {"weights": self._held_payload(), "codec_down": "fp32"}
+                down = {"weights": self.downlink.whole(), "codec_down": "fp32"}
             plans[s] = RoundPlan(
                 run_id=self.run_id, round=r, site=s, step=self.step,
                 total_steps=self.total_steps, max_steps=c.steps_per_round,
@@ -209,35 +205,6 @@ class Coordinator:
                 keep_weights=self.down.delta, purpose=self.purpose,
                 keep_since=self.checkpointed)
         return plans
-
-    def _downlink_change(self, r: int) -> dict[str, torch.Tensor] | None:
-        """Delta downlink: the encoded change that brings the sites' copy of the weights (as
-        of round ``r - 1``) toward the global weights, applied to that copy here exactly as
-        the sites will decode it. None when no copy exists yet (everyone gets it whole).
-
-        The codec's loss is not dropped: the global weights minus the copy is what remains
-        to be sent, and it goes out with the next round's change (error feedback on the
-        downlink). Sites train from the copy; the outer step moves the global weights."""
-        if self.held is not None and self.held_round == r:  # this round was opened already
-            return self._changes
-        self._changes = None
-        if self.held is not None and self.held_round == r - 1:
-            change = {n: self.weights[n] - self.held[n] for n in self.weights}
-            self._changes = encode(change, self.down)
-            decoded = decode(self._changes, {n: c.shape for n, c in change.items()}, self.down)
-            for n, d in decoded.items():
-                self.held[n] += d
-        else:
-            self.held = {n: w.detach().clone() for n, w in self.weights.items()}
-        self.held_round = r
-        self._full_held = None
-        return self._changes
-
-    def _held_payload(self) -> dict[str, torch.Tensor]:
-        """The sites' copy, whole, for a site that does not hold last round's (fp32)."""
-        if self._full_held is None:
-            self._full_held = encode(self.held, CodecConfig())
-        return self._full_held
 
     def _aggregate(self, planned: int) -> WeightedMean | RobustAggregate | PrivateMean:
         """Where the round's updates are combined: the token-weighted mean, a robust rule,
@@ -370,9 +337,7 @@ class Coordinator:
         state = {"run_id": self.run_id, "round": self.round, "step": self.step,
                  "tokens": self.tokens, "delivered": sorted(self._delivered), "missed": missed,
                  "weights": dict(self.weights), "outer": self.outer.state_dict()}
-        if self.held is not None:
-            state |= {"held": dict(self.held), "held_round": self.held_round}
-        return state | {"guard": self.guard.state_dict(),
+        return state | self.downlink.state_dict() | {"guard": self.guard.state_dict(),
                         "privacy_history": [list(h) for h in self.privacy_history]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -389,6 +354,4 @@ class Coordinator:
         self._delivered = set(state.get("delivered", []))
         self.guard.load_state_dict(state.get("guard", {}))
         self.privacy_history = [tuple(h) for h in state.get("privacy_history", [])]
-        if "held" in state:
-            self.held = {n: t.clone() for n, t in state["held"].items()}
-            self.held_round = int(state["held_round"])
+        self.downlink.load_state_dict(state)
