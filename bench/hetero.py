@@ -76,7 +76,8 @@ def main() -> None:
                                                  "total_steps": args.rounds * args.h * 4},
             "outer": {"lr": 1.0, "momentum": 0.0, "nesterov": False},
             "federation": {"rounds": args.rounds, **federation},
-            "eval": {"every": 10_000, "max_batches": 4}, "baseline": {"kinds": []},
+            "eval": {"every": 10_000, "max_batches": 4}, "credit": {"batches": 0},
+            "baseline": {"kinds": []},
             "sites": [{"name": d, "data": str(data[d]), "pace_s": paces[d]} for d in DOMAINS]})
         start = time.perf_counter()
         r = simulate(cfg, tmp / name, report=False)

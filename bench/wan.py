@@ -34,7 +34,8 @@ def run(tmp: Path, name: str, data: dict, args: argparse.Namespace, overlap: int
             "federation": {"rounds": args.rounds, "steps_per_round": args.h,
                            "min_sites": len(SITES), "fragments": args.fragments,
                            "overlap_steps": overlap},
-            "eval": {"every": 10_000, "max_batches": 1}, "baseline": {"kinds": []},
+            "eval": {"every": 10_000, "max_batches": 1}, "credit": {"batches": 0},
+            "baseline": {"kinds": []},
             "sites": [{"name": s} for s in SITES]}
     config = tmp / f"{name}.toml"
     config.write_text(tomli_w.dumps(tree))
