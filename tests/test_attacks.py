@@ -156,3 +156,55 @@ def test_dp_needs_the_mean():
     with pytest.raises(ValueError, match="needs aggregation.rule"):
         from_dict(RunConfig, {"privacy": {"noise_multiplier": 1.0},
                               "aggregation": {"rule": "median"}}).check()
+
+
+def test_a_canary_is_memorised_without_dp_and_hidden_with_it(demo_data, tmp_path):
+    """The Secret Sharer test (Carlini et al. 2019): one site's text carries "The vault code
+    is <10 random characters>" every 400 characters. After 10 rounds the secret's
+    likelihood is ranked against 199 random codes of the same form. Measured here: without
+    DP the secret ranks 1st of 200 (log-loss 36.1 nats against a median of 67.1: exposure
+    7.6 bits, the most there is); with site-level DP at noise multiplier 0.1 (clip 1, two
+    sites) it ranks 20th with this noise seed (31st with another: exposure 2.7-3.3 bits), at
+    the price of the model (validation loss 4.87 against 2.62): with two sites the noise is
+    as large as what is learnt."""
+    import random
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from atoll.data.prepare import PrepareOptions, prepare
+    from atoll.data.reader import TokenDataset
+
+    rng = random.Random(0)
+    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+    code = lambda: "".join(rng.choice(alphabet) for _ in range(10))  # noqa: E731
+    secret, prefix = code(), "The vault code is "
+    rows = TokenDataset(demo_data["speeches"], "train").rows(np.arange(1500))
+    text = bytes(b if 32 <= b < 127 or b == 10 else 32
+                 for b in rows.reshape(-1).astype(np.uint8).tolist()).decode()
+    parts = [text[i : i + 400] for i in range(0, len(text), 400)]
+    (tmp_path / "canary.txt").write_text(f"\n{prefix}{secret}.\n".join(parts))
+    prepare([tmp_path / "canary.txt"], tmp_path / "canary", PrepareOptions(seq_len=64),
+            log=lambda s: None)
+    candidates = [secret] + [code() for _ in range(199)]
+
+    def rank_of_secret(model) -> int:
+        x = torch.tensor([list((prefix + c).encode()) for c in candidates])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x).logits.float(), -1)
+        p = len(prefix)
+        nll = -logp[:, p - 1 : -1].gather(-1, x[:, p:, None])[..., 0].sum(1)
+        return 1 + int((nll[1:] < nll[0]).sum())
+
+    ranks = {}
+    for sigma in (0.0, 0.1):
+        cfg = small_config({"canary": tmp_path / "canary", "code": demo_data["code"]},
+                           inner={"batch_size": 8, "warmup_steps": 5},
+                           outer={"lr": 1.0, "momentum": 0.0, "nesterov": False},
+                           federation={"rounds": 10, "steps_per_round": 10},
+                           privacy={"noise_multiplier": sigma, "clip": 1.0, "seed": 7})
+        simulate(cfg, tmp_path / f"run-{sigma}", report=False)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / f"run-{sigma}" / "model")
+        ranks[sigma] = rank_of_secret(model)
+    assert ranks[0.0] == 1, ranks  # memorised: more likely than all 199 others
+    assert ranks[0.1] > 10, ranks  # hidden among them

@@ -127,7 +127,10 @@ def build_mixed_sites(root: str | Path, n_sites: int = 4, tokens_per_site: int =
             raw = root / "raw" / f"{name}.jsonl"
             if not raw.exists():
                 write_domain(name, raw, max_chars=int(share * n_sites * 1.2))
-            docs = raw.read_text(encoding="utf-8").splitlines()
+            # cut long documents (a play, a book) so every site gets some of each domain
+            docs = [json.dumps({"text": chunk})
+                    for line in raw.read_text(encoding="utf-8").splitlines()
+                    for chunk in _chunks(json.loads(line)["text"], 20_000)]
             part = root / "raw" / f"{name}-{i}-of-{n_sites}.jsonl"
             part.write_text("\n".join(docs[i::n_sites]) + "\n", encoding="utf-8")
             parts.append(part)
@@ -135,3 +138,7 @@ def build_mixed_sites(root: str | Path, n_sites: int = 4, tokens_per_site: int =
         prepare(parts, site, PrepareOptions(seq_len=seq_len, max_tokens_per_source=share),
                 log=log)
     return sites
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]

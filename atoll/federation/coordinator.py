@@ -210,7 +210,7 @@ class Coordinator:
         """Where the round's updates are combined: the token-weighted mean, a robust rule,
         or (with differential privacy) a clipped, noised sum."""
         if self.privacy.enabled:
-            return PrivateMean(self.privacy, planned)
+            return PrivateMean(self.privacy, planned, self.round + 1)
         if self.aggregation.rule == "mean":
             return WeightedMean()
         return RobustAggregate(self.aggregation)

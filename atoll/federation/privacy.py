@@ -35,6 +35,9 @@ class PrivacyConfig:
     """C: L2 bound on each site's update."""
     delta: float = 1e-5
     """The delta of the reported (epsilon, delta)."""
+    seed: int = -1
+    """Testing only: draw the noise from this seed (-1 = the operating system's randomness;
+    noise anyone can regenerate protects nothing)."""
 
     @property
     def enabled(self) -> bool:
@@ -56,11 +59,12 @@ def clip_update(delta: dict[str, torch.Tensor], bound: float) -> dict[str, torch
 class PrivateMean:
     """Clipped sum plus Gaussian noise, over the planned number of sites; holds one model."""
 
-    def __init__(self, cfg: PrivacyConfig, planned: int,
+    def __init__(self, cfg: PrivacyConfig, planned: int, round_: int = 0,
                  generator: torch.Generator | None = None) -> None:
         self.cfg = cfg
         self.planned = max(planned, 1)
-        self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        seed = cfg.seed * 1_000_003 + round_ if cfg.seed >= 0 else secrets.randbits(63)
+        self.generator = generator or torch.Generator().manual_seed(seed)
         self._sum: dict[str, torch.Tensor] | None = None
         self.count = 0
 
