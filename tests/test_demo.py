@@ -29,3 +29,6 @@ def test_demo_federation_within_5_percent_of_centralised(tmp_path, monkeypatch, 
     assert mean(fed["val_loss"]) <= 1.05 * mean(base["val_loss"])
     printed = capsys.readouterr().out
     assert "sample from the federated model" in printed and "baseline:data_parallel" in printed
+    assert main(["ledger", "verify", str(out)]) == 0  # 60 rounds of signed, chained entries
+    assert main(["shares", str(out)]) == 0
+    assert "shares sum to 1.0000" in capsys.readouterr().out
