@@ -114,6 +114,14 @@ def _print_summary(run: object) -> None:
             m = sum(final[k].values()) / len(final[k])
             row += f"{m:>18.4f} ({(mean / m - 1) * 100:+.1f}%)"
         print(row)
+    from atoll.ledger.books import LEDGER
+    from atoll.ledger.chain import read_entries
+    from atoll.ledger.credit import shares
+
+    if (run.out / LEDGER).exists():
+        table = shares(read_entries(run.out / LEDGER))
+        print("\nshare of the model (ledger: " + str(run.out / LEDGER) + ")")
+        print("  " + ", ".join(f"{s.contributor} {s.share:.1%}" for s in table))
     print(f"\nmodel: {run.out / 'model'} (AutoModelForCausalLM.from_pretrained)")
     print(f"report: {run.out / 'report.html'}")
 
