@@ -152,6 +152,11 @@ def write_report(run_dir: str | Path) -> Path:
     rej_html = "".join(f"<li>round {n}: {html.escape(s)}: {html.escape(w)}</li>"
                        for n, s, w in rejected) or "<li>none</li>"
     contributors = _contributors_html(run_dir)
+    private = [r for r in fed if r.get("epsilon") is not None]
+    privacy = (f"<p>Site-level differential privacy: epsilon {private[-1]['epsilon']:.3g} at "
+               f"delta {private[-1]['delta']:g} after {len(private)} rounds "
+               f"(per round: " + ", ".join(f"{r['epsilon']:.3g}" for r in private) + ").</p>"
+               ) if private else "<p>No differential privacy in this run.</p>"
     config = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else ""
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     page = f"""<!doctype html>
@@ -172,6 +177,7 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
 <h2>Bytes on the wire</h2><img src="plots/bytes_on_wire.png">
 <h2>Tokens per site</h2><img src="plots/site_tokens.png">
 <h2>Rejected updates</h2><ul>{rej_html}</ul>
+<h2>Privacy</h2>{privacy}
 <h2>Who contributed what</h2>{contributors}
 <h2>Configuration</h2><pre>{html.escape(config)}</pre>
 </body></html>"""

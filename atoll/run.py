@@ -172,6 +172,7 @@ class Run:
             "rejected": out.rejected if out else {}, "late": out.late if out else [],
             "rejected_count": len(out.rejected) if out else 0,
             "epsilon": out.epsilon if out else None,
+            "delta": self.cfg.privacy.delta if out and out.epsilon is not None else None,
             "bytes_up": sum(u.bytes_up for u in report.replies) if report else 0,
             "bytes_down": sum(u.bytes_down for u in report.replies) if report else 0,
             "seconds": seconds, "ended": time.time()}

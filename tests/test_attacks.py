@@ -147,6 +147,10 @@ def test_reported_epsilon_is_the_accountants(demo_data, tmp_path):
         assert r["epsilon"] == pytest.approx(eps, rel=1e-9)
     eps = [r["epsilon"] for r in rounds_of(tmp_path / "run")]
     assert eps == sorted(eps) and eps[0] > 0
+    from atoll.report import write_report
+
+    page = write_report(tmp_path / "run").read_text()
+    assert f"epsilon {eps[-1]:.3g} at delta 1e-05 after 3 rounds" in page
 
 
 def test_dp_needs_the_mean():
