@@ -75,7 +75,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_shares(args: argparse.Namespace) -> int:
-    from atoll.ledger.chain import read_entries, verify_ledger
+    from atoll.ledger.chain import verify_ledger
     from atoll.ledger.credit import shares
 
     path = _ledger_path(args.run_dir)
@@ -83,7 +83,7 @@ def cmd_shares(args: argparse.Namespace) -> int:
     if not verdict.ok:
         print(f"error: {path}: {verdict}; not computing shares from it", file=sys.stderr)
         return 1
-    table = shares(read_entries(path))
+    table = shares(verdict.read)
     print(f"{'contributor':<20}{'share':>8}{'tokens':>14}{'value':>12}  sites")
     for s in table:
         print(f"{s.contributor:<20}{s.share:8.2%}{s.tokens:>14,}{s.value:12.4f}  "

@@ -105,7 +105,7 @@ def final_table(records: list[dict]) -> tuple[list[str], dict[str, dict[str, flo
 def _contributors_html(run_dir: Path) -> str:
     """The contributors' shares from the run's ledger, once it verifies."""
     from atoll.ledger.books import LEDGER
-    from atoll.ledger.chain import read_entries, verify_ledger
+    from atoll.ledger.chain import verify_ledger
     from atoll.ledger.credit import shares
 
     path = run_dir / LEDGER
@@ -117,7 +117,7 @@ def _contributors_html(run_dir: Path) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(s.contributor)}</td><td>{html.escape(', '.join(s.sites))}</td>"
         f"<td>{s.tokens:,}</td><td>{s.value:.4f}</td><td><b>{s.share:.1%}</b></td></tr>"
-        for s in shares(read_entries(path)))
+        for s in shares(verdict.read))
     return (f"<table><tr><th>contributor</th><th>sites</th><th>tokens trained</th>"
             f"<th>value</th><th>share</th></tr>{rows}</table><p>From <code>{LEDGER}</code> "
             f"({verdict.entries} entries, chain and signatures verified). Value: each "

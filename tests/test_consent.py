@@ -256,7 +256,6 @@ def test_a_garbage_site_earns_clearly_less(demo_data, tmp_path):
         if e.kind == "update" and e.round > 1:
             later[e.body["site"]] += e.body["value"]
     table = {s.sites[0]: s.share for s in shares(entries)}
-    print(later, table)
     assert later["garbage"] < 0 < min(later[s] for s in honest), later
     assert all(table[s] > 3 * table["garbage"] for s in honest), table
     assert sum(table.values()) == pytest.approx(1.0)

@@ -20,7 +20,6 @@ revoked contribution's rows are overwritten with zeros the next time its site st
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import re
 import sqlite3
@@ -33,7 +32,7 @@ import numpy as np
 
 from atoll.atomic import write_atomic
 from atoll.consent.minhash import NEAR_DUPLICATE, signature, similarity
-from atoll.data.prepare import FORMAT, PrepareOptions, prepare
+from atoll.data.prepare import FORMAT, PrepareOptions, file_sha256, prepare
 from atoll.data.sources import DataError, read_documents
 from atoll.tokenizer import load_tokenizer
 
@@ -144,7 +143,7 @@ class Pool:
             _date(expires)
         if not file.is_file():
             raise DataError(file, "no such file")
-        sha = hashlib.sha256(file.read_bytes()).hexdigest()
+        sha = file_sha256(file)
         text = "\n".join(read_documents(file, text_field))
         sig = signature(text)
         seq = self._db.execute("SELECT COUNT(*) FROM contributions").fetchone()[0] + 1

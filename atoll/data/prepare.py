@@ -92,7 +92,7 @@ class _ShardWriter:
         return {"rows": int(len(src)), "shards": [s for s in self.shards if s["rows"] > 0]}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -155,7 +155,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
                 raise DataError(path, f"only {len(stream)} tokens: fewer than one row "
                                 f"of seq_len={opts.seq_len}")
             rows = stream[: n_rows * opts.seq_len].reshape(n_rows, opts.seq_len)
-            sha = _sha256(path)
+            sha = file_sha256(path)
             is_val = val_mask(n_rows, opts.val_fraction, sha)
             writers["train"].write(rows[~is_val], i)
             writers["val"].write(rows[is_val], i)

@@ -68,6 +68,11 @@ class ChecksConfig:
             raise ValueError("checks.max_norm_ratio must be >= 0 and checks.norm_window >= 1")
 
 
+def global_norm(named: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of all tensors of ``named`` taken together (float64 accumulation)."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in named.values()))
+
+
 class UpdateGuard:
     """The coordinator's memory of recent updates, for the checks that need one: norms of
     the last rounds (median as the yardstick) and what each site already sent."""
@@ -85,7 +90,7 @@ class UpdateGuard:
     def check(self, site: str, delta: dict[str, torch.Tensor], fingerprint: str,
               part: str = "all") -> tuple[str | None, float]:
         """The reason to reject ``delta`` (or None) and its L2 norm."""
-        norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+        norm = global_norm(delta)
         if self.cfg.reject_zero and norm == 0.0:
             return "empty update (all zeros): nothing was trained", norm
         if self.cfg.reject_replay and fingerprint in self.seen.get(site, []):

@@ -327,10 +327,7 @@ class Coordinator:
 
     def epsilon(self) -> float:
         """Privacy spent so far: epsilon for ``privacy.delta`` (RDP accountant)."""
-        rounds: dict[tuple[float, float], int] = {}
-        for key in self.privacy_history:
-            rounds[key] = rounds.get(key, 0) + 1
-        return epsilon([(s, q, n) for (s, q), n in rounds.items()], self.privacy.delta)
+        return epsilon([(s, q, 1) for s, q in self.privacy_history], self.privacy.delta)
 
     def state_dict(self) -> dict:
         missed = {str(r): sorted(s) for r, s in self._missed.items()}

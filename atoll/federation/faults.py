@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from atoll.federation.checks import global_norm
 from atoll.federation.protocol import SiteUpdate
 
 DELTA_FAULTS = ("sign_flip", "scale100", "noise", "zero", "replay", "nan", "shape")
@@ -50,8 +51,7 @@ def corrupt_delta(delta: dict[str, torch.Tensor], fault: str, seed: int = 0
     if fault == "noise":
         g = torch.Generator().manual_seed(seed)
         noise = {k: torch.randn(v.shape, generator=g) for k, v in delta.items()}
-        norm = lambda d: torch.sqrt(sum(t.double().pow(2).sum() for t in d.values()))  # noqa: E731
-        scale = float(norm(delta) / norm(noise))
+        scale = global_norm(delta) / global_norm(noise)
         return {k: v * scale for k, v in noise.items()}
     if fault == "zero":
         return {k: torch.zeros_like(v) for k, v in delta.items()}

@@ -18,12 +18,13 @@ observer could regenerate protects nothing. A DP run is therefore not bit-reprod
 
 from __future__ import annotations
 
-import math
 import secrets
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from atoll.federation.checks import global_norm
 
 
 @dataclass
@@ -52,7 +53,7 @@ class PrivacyConfig:
 
 def clip_update(delta: dict[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
     """``delta`` scaled down (never up) to global L2 norm ``bound``."""
-    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+    norm = global_norm(delta)
     scale = min(1.0, bound / norm) if norm > 0 else 1.0
     return {k: v.float() * scale for k, v in delta.items()}
 
@@ -67,7 +68,6 @@ class PrivateMean:
         seed = cfg.seed * 1_000_003 + round_ if cfg.seed >= 0 else secrets.randbits(63)
         self.generator = generator or torch.Generator().manual_seed(seed)
         self._sum: dict[str, torch.Tensor] | None = None
-        self.count = 0
 
     @torch.no_grad()
     def add(self, delta: dict[str, torch.Tensor], weight: float) -> None:
@@ -77,7 +77,6 @@ class PrivateMean:
             self._sum = {k: torch.zeros_like(v) for k, v in clipped.items()}
         for k, v in clipped.items():
             self._sum[k].add_(v)
-        self.count += 1
 
     def result(self) -> dict[str, torch.Tensor] | None:
         if self._sum is None:

@@ -56,6 +56,7 @@ class SpilledUpdates:
         self.files: list[Path] = []
         self.weights: list[float] = []
         self.names: list[str] = []
+        self._readers: list = []  # open safetensors files, in the order of ``files``
 
     def add(self, delta: dict[str, torch.Tensor], weight: float) -> None:
         path = self.dir / f"{len(self.files):05d}.safetensors"
@@ -66,18 +67,18 @@ class SpilledUpdates:
 
     def tensor(self, name: str) -> torch.Tensor:
         """``[n_updates, *shape]``: one tensor of every update."""
-        parts = []
-        for path in self.files:
-            with safe_open(path, framework="pt") as f:
-                parts.append(f.get_tensor(name))
-        return torch.stack(parts)
+        return torch.stack(list(self.each(name)))
 
     def each(self, name: str) -> Iterator[torch.Tensor]:
-        for path in self.files:
-            with safe_open(path, framework="pt") as f:
-                yield f.get_tensor(name)
+        """One tensor of every update, read one at a time."""
+        if len(self._readers) < len(self.files):  # each file is opened once, when first read
+            self._readers += [safe_open(p, framework="pt") for p in
+                              self.files[len(self._readers):]]
+        for reader in self._readers:
+            yield reader.get_tensor(name)
 
     def close(self) -> None:
+        self._readers = []
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -92,15 +93,13 @@ class RobustAggregate:
     def __init__(self, cfg: AggregationConfig) -> None:
         self.cfg = cfg
         self.spill = SpilledUpdates()
-        self.count = 0
 
     def add(self, delta: dict[str, torch.Tensor], weight: float) -> None:
         self.spill.add(delta, weight)
-        self.count += 1
 
     def result(self) -> dict[str, torch.Tensor] | None:
         try:
-            if self.count == 0:
+            if not self.spill.files:
                 return None
             if self.cfg.rule == "centered_clip":
                 return self._centered_clip()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,8 @@ class Verdict:
     entries: int
     bad_seq: int | None = None
     reason: str = ""
+    read: list[Entry] = field(default_factory=list, repr=False)
+    """The entries as read and checked (for the caller to use without reading again)."""
 
     def __str__(self) -> str:
         if self.ok:
@@ -149,6 +151,12 @@ def verify_ledger(path: str | Path, public: str | None = None) -> Verdict:
 
     ``public`` (hex) is the coordinator key to trust; by default the genesis entry's."""
     entries = read_entries(path)
+    verdict = _check(path, entries, public)
+    verdict.read = entries
+    return verdict
+
+
+def _check(path: str | Path, entries: list[Entry], public: str | None) -> Verdict:
     if not entries:
         return Verdict(False, 0, 1, "the ledger is empty (no genesis entry)")
     first = entries[0]
