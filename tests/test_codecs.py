@@ -36,7 +36,7 @@ def block_max(x: torch.Tensor, block: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind, bound", [("fp32", 0.0), ("bf16", 2**-8), ("int8", 1 / 254),
-                                         ("int4", 1 / 14)])
+                                         ("int4", 1 / 14), ("int2", 1 / 3)])
 def test_round_trip_error_is_bounded(kind, bound, dtype):
     cfg = CodecConfig(kind=kind, block=16)
     x = random_tensors(0, dtype)
@@ -57,19 +57,46 @@ def test_topk_keeps_the_largest_entries():
     assert torch.equal(y["w"], torch.tensor([0.0, -5.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize("numel", [256 * 3, 256 * 3 + 5, 100, 1])
+def test_topk_keeps_the_largest_of_every_chunk(numel):
+    """Chunks of 256 entries, the last one short: each keeps its own largest entries."""
+    g = torch.Generator().manual_seed(numel)
+    x = torch.randn(numel, generator=g)
+    cfg = CodecConfig(kind="fp32", topk=0.05)
+    y = decode(encode({"w": x}, cfg), {"w": x.shape}, cfg)["w"]
+    for start in range(0, numel, 256):
+        part, kept = x[start:start + 256], y[start:start + 256]
+        k = max(1, -(-min(256, numel) * 5 // 100))  # ceil(5% of a chunk)
+        expect = torch.zeros_like(part)
+        top = part.abs().topk(min(k, part.numel())).indices
+        expect[top] = part[top]
+        assert torch.equal(kept, expect), start
+
+
+def test_int2_levels_are_exact_on_their_grid():
+    """int2 stores -1.5, -0.5, 0.5, 1.5 times absmax / 1.5: those values come back exactly."""
+    x = {"w": torch.tensor([-3.0, -1.0, 1.0, 3.0, 3.0, -3.0, 1.0, -1.0])}
+    cfg = CodecConfig(kind="int2", block=4)
+    assert torch.equal(decode(encode(x, cfg), {"w": (8,)}, cfg)["w"], x["w"])
+
+
 def test_wire_sizes_shrink_as_promised():
     x = {"w": torch.randn(256, 256)}
     fp32 = len(tensor_bytes(encode(x, CodecConfig())))
     sizes = {k: len(tensor_bytes(encode(x, CodecConfig(kind=k, block=64))))
-             for k in ("bf16", "int8", "int4")}
+             for k in ("bf16", "int8", "int4", "int2")}
     assert fp32 / sizes["bf16"] == pytest.approx(2, rel=0.01)
     assert fp32 / sizes["int8"] == pytest.approx(4 / (1 + 4 / 64), rel=0.02)  # + a scale/block
     assert fp32 / sizes["int4"] == pytest.approx(8 / (1 + 8 / 64), rel=0.02)
-    top = len(tensor_bytes(encode(x, CodecConfig(kind="int4", topk=0.01))))
-    assert fp32 / top > 50  # 1% of the entries; each costs a 4-byte index
+    assert fp32 / sizes["int2"] == pytest.approx(16 / (1 + 16 / 64), rel=0.02)
+    # 1/32 of each chunk of 256: 8 one-byte indices and 8 two-bit values (+ a scale per 64)
+    top = encode(x, CodecConfig(kind="int2", topk=1 / 32))
+    assert sum(t.numel() * t.element_size() for t in top.values()) == 2048 + 512 + 32 * 4
+    assert len(tensor_bytes(top)) < 2688 + 300  # + the safetensors header of three parts
 
 
-@pytest.mark.parametrize("spec", ["int4/32+top0.05", "int8/64", "bf16+top0.1"])
+@pytest.mark.parametrize("spec", ["int4/32+top0.05", "int8/64", "bf16+top0.1", "int2/64",
+                                  "int2/64+top0.1"])
 def test_error_feedback_sum_of_decoded_follows_sum_of_true(spec):
     """Deltas with a steady drift plus noise: with error feedback the decoded updates add up
     to the true total (relative error shrinking like 1/rounds); without it they do not."""
@@ -94,18 +121,31 @@ def test_error_feedback_sum_of_decoded_follows_sum_of_true(spec):
 
 
 @pytest.mark.parametrize("mangle, reason", [
-    (lambda e: e.pop("w::q"), "part 'q' is missing"),
-    (lambda e: e.__setitem__("w::q", e["w::q"][:-1]), "has shape"),
-    (lambda e: e.__setitem__("w::scale", e["w::scale"].double()), "torch.float64"),
+    (lambda e: e.pop("::q"), "packed part 'q' is missing"),
+    (lambda e: e.__setitem__("::q", e["::q"][:-1]), r"has shape \(31,\), expected \(32,\)"),
+    (lambda e: e.__setitem__("::scale", e["::scale"].double()), "torch.float64"),
     (lambda e: e.__setitem__("extra", torch.zeros(1)), "unexpected tensor 'extra'"),
-    (lambda e: e.__setitem__("w::idx", e["w::idx"] + 10_000), "index out of range"),
+    (lambda e: e.__setitem__("::idx", e["::idx"] + 30), "'w': top-k index .* out of range "
+                                                         "for chunks of 40"),
+    (lambda e: e.__setitem__("::idx", e["::idx"].int()), "torch.int32, expected torch.uint8"),
 ])
 def test_corrupt_payloads_are_refused_with_a_reason(mangle, reason):
     cfg = CodecConfig(kind="int8", topk=0.5, block=8)
-    enc = encode({"w": torch.randn(40)}, cfg)
+    enc = encode({"w": torch.randn(40), "b": torch.randn(3)}, cfg)
     mangle(enc)
     with pytest.raises(WireError, match=reason):
-        decode(enc, {"w": (40,)}, cfg)
+        decode(enc, {"w": (40,), "b": (3,)}, cfg)
+
+
+@pytest.mark.parametrize("mangle, reason", [
+    (lambda e: e.pop("w::val"), "tensor 'w': part 'val' is missing"),
+    (lambda e: e.__setitem__("w::val", e["w::val"][:-1]), "tensor 'w': part 'val' has shape"),
+])
+def test_corrupt_whole_tensors_are_refused_with_a_reason(mangle, reason):
+    enc = encode({"w": torch.randn(40)}, CodecConfig(kind="bf16"))
+    mangle(enc)
+    with pytest.raises(WireError, match=reason):
+        decode(enc, {"w": (40,)}, CodecConfig(kind="bf16"))
 
 
 def test_unknown_codec_spec():

@@ -1,11 +1,15 @@
 """Codecs for what crosses the network: pseudo-gradients up, global weights down.
 
 * ``fp32`` and ``bf16``: the tensor itself, in that dtype.
-* ``int8`` and ``int4``: blockwise absmax quantisation. Each tensor is flattened and cut into
-  blocks of ``block`` values; a block is stored as one float32 scale (its largest magnitude
-  over 127, or over 7) and ``block`` signed integers (int4: two per byte).
-* ``topk`` (optional, any kind): keep only that fraction of each tensor's entries, the largest
-  in magnitude, as int32 indices plus values encoded with ``kind``.
+* ``int8``, ``int4`` and ``int2``: blockwise absmax quantisation. Each tensor is flattened
+  and cut into blocks of ``block`` values; a block is stored as one float32 scale and
+  ``block`` small integers: int8 and int4 round to the signed grid -127..127 or -7..7 (int4:
+  two per byte); int2 has no zero, four levels -1.5, -0.5, 0.5, 1.5 times absmax / 1.5 (four
+  per byte), which suits what top-k keeps (large entries only) and error feedback.
+* ``topk`` (optional, any kind): in every chunk of 256 consecutive entries keep only that
+  fraction, the largest in magnitude: one byte of index per kept entry (its place in the
+  chunk) plus the kept values encoded with ``kind``. Chunks bound the index to a byte and
+  spread what is kept over the whole tensor (SparseLoCo, Sarfi et al. 2025, chunks likewise).
 
 With error feedback (Seide et al. 2014; Karimireddy et al. 2019, "EF-SGD") a site keeps what
 the codec dropped and adds it to the next round's delta, so nothing is lost for good: the sum
@@ -24,8 +28,11 @@ import torch
 
 from atoll.errors import WireError
 
-KINDS = ("fp32", "bf16", "int8", "int4")
+KINDS = ("fp32", "bf16", "int8", "int4", "int2")
 _QMAX = {"int8": 127, "int4": 7}
+_PER_BYTE = {"int8": 1, "int4": 2, "int2": 4}
+CHUNK = 256
+"""Entries per top-k chunk: an index within a chunk fits in one byte."""
 
 
 @dataclass
@@ -33,11 +40,11 @@ class CodecConfig:
     """How one direction of traffic is encoded."""
 
     kind: str = "fp32"
-    """fp32, bf16, int8 or int4."""
+    """fp32, bf16, int8, int4 or int2."""
     block: int = 64
-    """Values per quantisation block (int8, int4)."""
+    """Values per quantisation block (int8, int4, int2)."""
     topk: float = 0.0
-    """Keep only this fraction of each tensor's entries, by magnitude (0 = all)."""
+    """Keep only this fraction of the entries of every chunk of 256, by magnitude (0 = all)."""
     error_feedback: bool = True
     """Uplink: carry what the codec dropped into the next round."""
     delta: bool = False
@@ -47,15 +54,17 @@ class CodecConfig:
     def check(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"codec kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.block < 2 or self.block % 2:
-            raise ValueError(f"codec block must be an even number >= 2, got {self.block}")
+        per_byte = _PER_BYTE.get(self.kind, 2)
+        if self.block < 2 or self.block % max(2, per_byte):
+            raise ValueError(f"codec block must be a multiple of {max(2, per_byte)} for "
+                             f"{self.kind}, got {self.block}")
         if not 0 <= self.topk < 1:
             raise ValueError(f"codec topk must be a fraction in [0, 1), got {self.topk}")
 
     @property
     def spec(self) -> str:
         """A short name, e.g. ``int4/64+top0.1``; :func:`parse_spec` reads it back."""
-        s = self.kind + (f"/{self.block}" if self.kind in _QMAX else "")
+        s = self.kind + (f"/{self.block}" if self.kind in _PER_BYTE else "")
         return s + (f"+top{self.topk:g}" if self.topk else "")
 
     @property
@@ -77,17 +86,29 @@ def parse_spec(spec: str) -> CodecConfig:
 
 
 def encode(named: dict[str, torch.Tensor], cfg: CodecConfig) -> dict[str, torch.Tensor]:
-    """Encode every tensor of ``named``; the result is what goes on the wire."""
-    out: dict[str, torch.Tensor] = {}
+    """Encode every tensor of ``named``; the result is what goes on the wire.
+
+    fp32 and bf16 keep one wire tensor per model tensor (no copy for big models). The other
+    codecs pack each part of every tensor into one wire tensor, in name order (``::q``,
+    ``::scale``, ``::idx``, ``::val``): the small parts of a few hundred tensors would
+    otherwise cost more in safetensors header than in payload."""
+    parts: dict[str, torch.Tensor] = {}
     for name, t in named.items():
         flat = t.detach().float().reshape(-1)
         if cfg.topk:
-            k = _kept(cfg.topk, flat.numel())
-            idx = flat.abs().topk(k, sorted=False).indices.sort().values
-            out[f"{name}::idx"] = idx.to(torch.int32)
-            flat = flat[idx]
-        out.update(_encode_values(name, flat, t.shape if not cfg.topk else None, cfg))
-    return out
+            chunk, k = _chunking(cfg.topk, flat.numel())
+            chunks = torch.zeros(-(-flat.numel() // chunk) * chunk)
+            chunks[: flat.numel()] = flat
+            chunks = chunks.reshape(-1, chunk)
+            idx = chunks.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+            parts[f"{name}::idx"] = idx.to(torch.uint8)
+            flat = chunks.gather(1, idx).reshape(-1)
+        parts.update(_encode_values(name, flat, t.shape if not cfg.topk else None, cfg))
+    if not _packed(cfg):
+        return parts
+    layout = _layout(cfg)
+    return {f"::{part}": torch.cat([parts[f"{n}::{part}"].reshape(-1) for n in sorted(named)])
+            for part in layout}
 
 
 def _encode_values(name: str, flat: torch.Tensor, shape: torch.Size | None, cfg: CodecConfig
@@ -95,11 +116,17 @@ def _encode_values(name: str, flat: torch.Tensor, shape: torch.Size | None, cfg:
     if cfg.kind in ("fp32", "bf16"):
         v = flat.to(torch.float32 if cfg.kind == "fp32" else torch.bfloat16)
         return {f"{name}::val": v if shape is None else v.reshape(shape)}
-    qmax = _QMAX[cfg.kind]
     n_blocks = math.ceil(flat.numel() / cfg.block)
     blocks = torch.zeros(n_blocks * cfg.block)
     blocks[: flat.numel()] = flat
     blocks = blocks.reshape(n_blocks, cfg.block)
+    if cfg.kind == "int2":  # codes 0..3 for -1.5, -0.5, 0.5, 1.5 scales; four per byte
+        scale = blocks.abs().amax(dim=1) / 1.5
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        u = torch.floor(blocks / scale[:, None] + 2).clamp(0, 3).to(torch.uint8)
+        q = (u[:, 0::4] << 6) | (u[:, 1::4] << 4) | (u[:, 2::4] << 2) | u[:, 3::4]
+        return {f"{name}::q": q, f"{name}::scale": scale}
+    qmax = _QMAX[cfg.kind]
     scale = blocks.abs().amax(dim=1) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(blocks / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
@@ -113,35 +140,93 @@ def decode(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size], cfg:
            ) -> dict[str, torch.Tensor]:
     """float32 tensors of the given ``shapes`` from :func:`encode`'s output.
 
-    Raises :class:`~atoll.errors.WireError` naming the tensor and the problem if anything is
-    missing, extra, of the wrong size or dtype."""
-    expected_parts = set()
+    Raises :class:`~atoll.errors.WireError` naming the tensor (or the packed part) and the
+    problem if anything is missing, extra, of the wrong size or dtype."""
+    if _packed(cfg):
+        encoded = _unpack(encoded, shapes, cfg)
     out = {}
     for name, shape in shapes.items():
-        numel = math.prod(shape)
+        layout = _parts_of(math.prod(shape), cfg)
+        for part, (dtype, part_shape) in layout.items():
+            _part(encoded, name, part, dtype, part_shape if part != "val" or cfg.topk
+                  else tuple(shape))
         if cfg.topk:
-            k = _kept(cfg.topk, numel)
-            idx = _part(encoded, name, "idx", torch.int32, (k,))
-            if k and (idx.min() < 0 or idx.max() >= numel):
-                raise WireError(f"tensor {name!r}: top-k index out of range")
-            values = _decode_values(encoded, name, k, None, cfg)
-            dense = torch.zeros(numel)
-            dense[idx.long()] = values
-            out[name] = dense.reshape(shape)
-            expected_parts.add(f"{name}::idx")
+            numel = math.prod(shape)
+            chunk, k = _chunking(cfg.topk, numel)
+            idx = encoded[f"{name}::idx"].long()
+            if idx.numel() and idx.max() >= chunk:
+                raise WireError(f"tensor {name!r}: top-k index {idx.max().item()} out of range "
+                                f"for chunks of {chunk}")
+            values = _decode_values(encoded, name, idx.numel(), None, cfg)
+            dense = torch.zeros(idx.shape[0], chunk)
+            dense.scatter_(1, idx, values.reshape(idx.shape))
+            out[name] = dense.reshape(-1)[:numel].reshape(shape)
         else:
-            out[name] = _decode_values(encoded, name, numel, shape, cfg)
-        expected_parts |= ({f"{name}::val"} if cfg.kind in ("fp32", "bf16")
-                           else {f"{name}::q", f"{name}::scale"})
-    extra = sorted(set(encoded) - expected_parts)
+            out[name] = _decode_values(encoded, name, math.prod(shape), shape, cfg)
+    expected = {f"{n}::{p}" for n, shape in shapes.items()
+                for p in _parts_of(math.prod(shape), cfg)}
+    extra = sorted(set(encoded) - expected)
     if extra:
         raise WireError(f"unexpected tensor {extra[0]!r}")
     return out
 
 
-def _kept(fraction: float, numel: int) -> int:
-    """How many entries top-k keeps of a tensor of ``numel``: at least one, if any."""
-    return min(numel, max(1, math.ceil(fraction * numel)))
+def _packed(cfg: CodecConfig) -> bool:
+    return not (cfg.kind in ("fp32", "bf16") and not cfg.topk)
+
+
+def _parts_of(numel: int, cfg: CodecConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The wire parts of one tensor of ``numel`` entries: dtype and shape of each."""
+    parts: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    values = numel
+    if cfg.topk:
+        chunk, k = _chunking(cfg.topk, numel)
+        parts["idx"] = (torch.uint8, (-(-numel // chunk), k))
+        values = parts["idx"][1][0] * k
+    if cfg.kind in ("fp32", "bf16"):
+        parts["val"] = (torch.float32 if cfg.kind == "fp32" else torch.bfloat16, (values,))
+    else:
+        n_blocks = math.ceil(values / cfg.block)
+        parts["q"] = (torch.int8 if cfg.kind == "int8" else torch.uint8,
+                      (n_blocks, cfg.block // _PER_BYTE[cfg.kind]))
+        parts["scale"] = (torch.float32, (n_blocks,))
+    return parts
+
+
+def _layout(cfg: CodecConfig) -> dict[str, torch.dtype]:
+    """The packed parts of a codec and their dtypes."""
+    return {p: dt for p, (dt, _) in _parts_of(1, cfg).items()}
+
+
+def _unpack(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size],
+            cfg: CodecConfig) -> dict[str, torch.Tensor]:
+    """Cut the packed parts back into per-tensor parts, checking their sizes first."""
+    layout = {n: _parts_of(math.prod(shapes[n]), cfg) for n in sorted(shapes)}
+    out: dict[str, torch.Tensor] = {}
+    for part, dtype in _layout(cfg).items():
+        key = f"::{part}"
+        if key not in encoded:
+            raise WireError(f"packed part '{part}' is missing")
+        t = encoded[key]
+        if t.dtype != dtype:
+            raise WireError(f"packed part '{part}' is {t.dtype}, expected {dtype}")
+        sizes = [math.prod(layout[n][part][1]) for n in layout]
+        if t.ndim != 1 or t.numel() != sum(sizes):
+            raise WireError(f"packed part '{part}' has shape {tuple(t.shape)}, expected "
+                            f"({sum(sizes)},) (truncated or from another model?)")
+        for n, piece in zip(layout, t.split(sizes), strict=True):
+            out[f"{n}::{part}"] = piece.reshape(layout[n][part][1])
+    extra = sorted(set(encoded) - {f"::{p}" for p in _layout(cfg)})
+    if extra:
+        raise WireError(f"unexpected tensor {extra[0]!r}")
+    return out
+
+
+def _chunking(fraction: float, numel: int) -> tuple[int, int]:
+    """Top-k's chunk length for a tensor of ``numel`` entries (a smaller tensor is one
+    chunk) and how many entries it keeps per chunk: at least one."""
+    chunk = max(1, min(CHUNK, numel))
+    return chunk, min(chunk, max(1, math.ceil(fraction * chunk)))
 
 
 def _part(encoded: dict[str, torch.Tensor], name: str, part: str, dtype: torch.dtype,
@@ -161,15 +246,13 @@ def _part(encoded: dict[str, torch.Tensor], name: str, part: str, dtype: torch.d
 def _decode_values(encoded: dict[str, torch.Tensor], name: str, numel: int,
                    shape: torch.Size | None, cfg: CodecConfig) -> torch.Tensor:
     if cfg.kind in ("fp32", "bf16"):
-        dtype = torch.float32 if cfg.kind == "fp32" else torch.bfloat16
-        v = _part(encoded, name, "val", dtype, tuple(shape) if shape is not None else (numel,))
-        return v.float()
+        return encoded[f"{name}::val"].float().reshape(-1 if shape is None else shape)
     n_blocks = math.ceil(numel / cfg.block)
-    width = cfg.block // 2 if cfg.kind == "int4" else cfg.block
-    q = _part(encoded, name, "q", torch.uint8 if cfg.kind == "int4" else torch.int8,
-              (n_blocks, width))
-    scale = _part(encoded, name, "scale", torch.float32, (n_blocks,))
-    if cfg.kind == "int4":
+    q, scale = encoded[f"{name}::q"], encoded[f"{name}::scale"]
+    if cfg.kind == "int2":
+        codes = torch.stack([(q >> s) & 0x03 for s in (6, 4, 2, 0)], dim=2)
+        q = codes.reshape(n_blocks, cfg.block).float() - 1.5
+    elif cfg.kind == "int4":
         hi, lo = (q >> 4).to(torch.int8) - 8, (q & 0x0F).to(torch.int8) - 8
         q = torch.stack([hi, lo], dim=2).reshape(n_blocks, cfg.block)
     values = (q.float() * scale[:, None]).reshape(-1)[:numel]
