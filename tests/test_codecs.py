@@ -120,6 +120,24 @@ def test_error_feedback_sum_of_decoded_follows_sum_of_true(spec):
     assert rel(ef_sum) < rel(plain_sum) / 3 or rel(plain_sum) < 0.02
 
 
+def test_error_feedback_decay_fades_what_stays_unsent():
+    """feedback_decay b: each round sends Q(delta + b * residual), keeps the rest; checked
+    against the same recursion computed by hand with the plain codec."""
+    cfg = CodecConfig(kind="int2", topk=0.1, block=8)
+    g = torch.Generator().manual_seed(1)
+    ef, residual = ErrorFeedback(), torch.zeros(512)
+    for _ in range(5):
+        delta = torch.randn(512, generator=g)
+        send = delta + 0.5 * residual
+        expect = decode(encode({"w": send}, cfg), {"w": (512,)}, cfg)["w"]
+        got = decode(ef.encode({"w": delta}, cfg, decay=0.5), {"w": (512,)}, cfg)["w"]
+        torch.testing.assert_close(got, expect, rtol=0, atol=0)
+        residual = send - expect
+        torch.testing.assert_close(ef.residual["w"], residual, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="feedback_decay"):
+        CodecConfig(feedback_decay=0.0).check()
+
+
 @pytest.mark.parametrize("mangle, reason", [
     (lambda e: e.pop("::q"), "packed part 'q' is missing"),
     (lambda e: e.__setitem__("::q", e["::q"][:-1]), r"has shape \(31,\), expected \(32,\)"),

@@ -47,6 +47,10 @@ class CodecConfig:
     """Keep only this fraction of the entries of every chunk of 256, by magnitude (0 = all)."""
     error_feedback: bool = True
     """Uplink: carry what the codec dropped into the next round."""
+    feedback_decay: float = 1.0
+    """Uplink: the carried residual is scaled by this before it is added to the next delta
+    (1 = plain error feedback; below 1 what stays unsent for long fades, which SparseLoCo
+    found to act like outer momentum on sparse updates)."""
     delta: bool = False
     """Downlink: send each site the change since the weights it already holds, not the
     weights; what the codec drops stays with the coordinator and goes out next round."""
@@ -60,6 +64,9 @@ class CodecConfig:
                              f"{self.kind}, got {self.block}")
         if not 0 <= self.topk < 1:
             raise ValueError(f"codec topk must be a fraction in [0, 1), got {self.topk}")
+        if not 0 < self.feedback_decay <= 1:
+            raise ValueError(f"codec feedback_decay must be in (0, 1], got "
+                             f"{self.feedback_decay}")
 
     @property
     def spec(self) -> str:
@@ -260,14 +267,16 @@ def _decode_values(encoded: dict[str, torch.Tensor], name: str, numel: int,
 
 
 class ErrorFeedback:
-    """The residual a site keeps: ``send = delta + residual``, ``residual = send - decoded``."""
+    """The residual a site keeps: ``send = delta + decay * residual``,
+    ``residual = send - decoded``."""
 
     def __init__(self) -> None:
         self.residual: dict[str, torch.Tensor] = {}
 
-    def encode(self, delta: dict[str, torch.Tensor], cfg: CodecConfig
+    def encode(self, delta: dict[str, torch.Tensor], cfg: CodecConfig, decay: float = 1.0
                ) -> dict[str, torch.Tensor]:
-        send = {k: v + self.residual[k] if k in self.residual else v for k, v in delta.items()}
+        send = {k: v + decay * self.residual[k] if k in self.residual else v
+                for k, v in delta.items()}
         encoded = encode(send, cfg)
         decoded = decode(encoded, {k: v.shape for k, v in send.items()}, cfg)
         self.residual = {k: send[k] - decoded[k] for k in send}

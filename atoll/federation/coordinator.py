@@ -200,6 +200,7 @@ class Coordinator:
                 time_budget_s=c.time_budget_s, seed=self.seed, inner=inner,
                 model_config=self.model_config, seq_len=self.seq_len, **down,
                 codec_up=self.up.spec, error_feedback=self.up.error_feedback,
+                feedback_decay=self.up.feedback_decay,
                 fragments=c.fragments, fragment=fragment_of_round(r, c.fragments), full=full,
                 overlap_steps=c.overlap_steps, merge_alpha=c.merge_alpha,
                 keep_weights=self.down.delta, purpose=self.purpose,

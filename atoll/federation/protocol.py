@@ -58,6 +58,8 @@ class RoundPlan:
     """How the site must encode its pseudo-gradient."""
     error_feedback: bool = True
     """Whether the site carries what ``codec_up`` dropped into its next update."""
+    feedback_decay: float = 1.0
+    """What the carried residual is scaled by before it joins the next update."""
     fragments: int = 1
     """Streaming sync: the model is cut into this many fragments, one synced per round."""
     fragment: int = 0

@@ -144,7 +144,7 @@ class Site:
             delta = corrupt_delta(delta, self.fault, seed=plan.round)
         up = parse_spec(plan.codec_up)
         if plan.error_feedback and not up.lossless:
-            encoded = self.feedback.encode(delta, up)
+            encoded = self.feedback.encode(delta, up, plan.feedback_decay)
         else:
             encoded = encode(delta, up)
         if self.fault == "replay":
