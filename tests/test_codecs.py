@@ -73,6 +73,26 @@ def test_topk_keeps_the_largest_of_every_chunk(numel):
         assert torch.equal(kept, expect), start
 
 
+def test_random_places_are_shared_by_the_round_and_send_no_index():
+    """select = random: every site of a round keeps the same places (so the mean of their
+    updates is as sparse as one), no index travels, and over rounds every place comes up."""
+    cfg = parse_spec("int2/64+rand0.05")
+    assert cfg.select == "random" and cfg.spec == "int2/64+rand0.05"
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1024, generator=g) for _ in range(2))
+    enc_a, enc_b = encode({"w": a}, cfg, seed=7), encode({"w": b}, cfg, seed=7)
+    assert set(enc_a) == {"::q", "::scale"}  # values and scales only
+    dec_a, dec_b = (decode(e, {"w": (1024,)}, cfg, seed=7)["w"] for e in (enc_a, enc_b))
+    assert torch.equal(dec_a != 0, dec_b != 0)
+    assert (dec_a != 0).sum() == 4 * 13  # ceil(5% of 256) in each of 4 chunks
+    seen = torch.zeros(1024, dtype=torch.bool)
+    for r in range(200):
+        seen |= decode(encode({"w": a}, cfg, seed=r), {"w": (1024,)}, cfg, seed=r)["w"] != 0
+    assert seen.all()
+    other = decode(enc_a, {"w": (1024,)}, cfg, seed=8)["w"]  # the wrong round's places
+    assert not torch.equal(other != 0, dec_a != 0)
+
+
 def test_int2_levels_are_exact_on_their_grid():
     """int2 stores -1.5, -0.5, 0.5, 1.5 times absmax / 1.5: those values come back exactly."""
     x = {"w": torch.tensor([-3.0, -1.0, 1.0, 3.0, 3.0, -3.0, 1.0, -1.0])}
@@ -96,7 +116,7 @@ def test_wire_sizes_shrink_as_promised():
 
 
 @pytest.mark.parametrize("spec", ["int4/32+top0.05", "int8/64", "bf16+top0.1", "int2/64",
-                                  "int2/64+top0.1"])
+                                  "int2/64+top0.1", "int2/64+rand0.25"])
 def test_error_feedback_sum_of_decoded_follows_sum_of_true(spec):
     """Deltas with a steady drift plus noise: with error feedback the decoded updates add up
     to the true total (relative error shrinking like 1/rounds); without it they do not."""
@@ -110,8 +130,8 @@ def test_error_feedback_sum_of_decoded_follows_sum_of_true(spec):
     for t in range(200):
         delta = {"w": drift + torch.randn(300, generator=g) * 0.02}
         true_sum += delta["w"]
-        ef_sum += decode(ef.encode(delta, cfg), {"w": (300,)}, cfg)["w"]
-        plain_sum += decode(encode(delta, cfg), {"w": (300,)}, cfg)["w"]
+        ef_sum += decode(ef.encode(delta, cfg, seed=t), {"w": (300,)}, cfg, seed=t)["w"]
+        plain_sum += decode(encode(delta, cfg, seed=t), {"w": (300,)}, cfg, seed=t)["w"]
         if t == 49:
             early = rel(ef_sum)
     # the gap is exactly the last residual, which stays the size of one round's error

@@ -10,6 +10,9 @@
   fraction, the largest in magnitude: one byte of index per kept entry (its place in the
   chunk) plus the kept values encoded with ``kind``. Chunks bound the index to a byte and
   spread what is kept over the whole tensor (SparseLoCo, Sarfi et al. 2025, chunks likewise).
+  With ``select = "random"`` the kept places are instead drawn from a seed that both ends
+  know (the run and the round): no index travels, and every site of a round keeps the same
+  places, so their mean is exactly as sparse as each update and goes down as cheaply.
 
 With error feedback (Seide et al. 2014; Karimireddy et al. 2019, "EF-SGD") a site keeps what
 the codec dropped and adds it to the next round's delta, so nothing is lost for good: the sum
@@ -21,6 +24,7 @@ the expected shape and says exactly what is wrong with a corrupt or truncated up
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -44,7 +48,10 @@ class CodecConfig:
     block: int = 64
     """Values per quantisation block (int8, int4, int2)."""
     topk: float = 0.0
-    """Keep only this fraction of the entries of every chunk of 256, by magnitude (0 = all)."""
+    """Keep only this fraction of the entries of every chunk of 256 (0 = all)."""
+    select: str = "top"
+    """Which entries ``topk`` keeps: ``top`` (the largest; their places are sent) or
+    ``random`` (places drawn from the round's seed, the same at every site; none sent)."""
     error_feedback: bool = True
     """Uplink: carry what the codec dropped into the next round."""
     feedback_decay: float = 1.0
@@ -64,15 +71,19 @@ class CodecConfig:
                              f"{self.kind}, got {self.block}")
         if not 0 <= self.topk < 1:
             raise ValueError(f"codec topk must be a fraction in [0, 1), got {self.topk}")
+        if self.select not in ("top", "random"):
+            raise ValueError(f"codec select must be 'top' or 'random', got {self.select!r}")
         if not 0 < self.feedback_decay <= 1:
             raise ValueError(f"codec feedback_decay must be in (0, 1], got "
                              f"{self.feedback_decay}")
 
     @property
     def spec(self) -> str:
-        """A short name, e.g. ``int4/64+top0.1``; :func:`parse_spec` reads it back."""
+        """A short name, e.g. ``int4/64+top0.1`` or ``int2/64+rand0.05``; :func:`parse_spec`
+        reads it back."""
         s = self.kind + (f"/{self.block}" if self.kind in _PER_BYTE else "")
-        return s + (f"+top{self.topk:g}" if self.topk else "")
+        tag = "top" if self.select == "top" else "rand"
+        return s + (f"+{tag}{self.topk:g}" if self.topk else "")
 
     @property
     def lossless(self) -> bool:
@@ -82,18 +93,26 @@ class CodecConfig:
 def parse_spec(spec: str) -> CodecConfig:
     """The codec named by :attr:`CodecConfig.spec`."""
     try:
-        body, _, top = spec.partition("+top")
+        select = "random" if "+rand" in spec else "top"
+        body, _, top = spec.partition("+rand" if select == "random" else "+top")
         kind, _, block = body.partition("/")
         cfg = CodecConfig(kind=kind, block=int(block) if block else 64,
-                          topk=float(top) if top else 0.0)
+                          topk=float(top) if top else 0.0, select=select)
         cfg.check()
     except ValueError:
         raise WireError(f"unknown codec {spec!r}") from None
     return cfg
 
 
-def encode(named: dict[str, torch.Tensor], cfg: CodecConfig) -> dict[str, torch.Tensor]:
-    """Encode every tensor of ``named``; the result is what goes on the wire.
+def round_seed(run_id: str, round_: int) -> int:
+    """The seed of round ``round_``'s random places (``select = "random"``)."""
+    return int(hashlib.sha256(f"{run_id}:{round_}".encode()).hexdigest()[:15], 16)
+
+
+def encode(named: dict[str, torch.Tensor], cfg: CodecConfig, seed: int = 0
+           ) -> dict[str, torch.Tensor]:
+    """Encode every tensor of ``named``; the result is what goes on the wire. ``seed``
+    draws the places ``select = "random"`` keeps (:func:`round_seed`).
 
     fp32 and bf16 keep one wire tensor per model tensor (no copy for big models). The other
     codecs pack each part of every tensor into one wire tensor, in name order (``::q``,
@@ -107,8 +126,11 @@ def encode(named: dict[str, torch.Tensor], cfg: CodecConfig) -> dict[str, torch.
             chunks = torch.zeros(-(-flat.numel() // chunk) * chunk)
             chunks[: flat.numel()] = flat
             chunks = chunks.reshape(-1, chunk)
-            idx = chunks.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-            parts[f"{name}::idx"] = idx.to(torch.uint8)
+            if cfg.select == "random":
+                idx = _random_places(name, chunks.shape[0], chunk, k, seed)
+            else:
+                idx = chunks.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+                parts[f"{name}::idx"] = idx.to(torch.uint8)
             flat = chunks.gather(1, idx).reshape(-1)
         parts.update(_encode_values(name, flat, t.shape if not cfg.topk else None, cfg))
     if not _packed(cfg):
@@ -143,9 +165,10 @@ def _encode_values(name: str, flat: torch.Tensor, shape: torch.Size | None, cfg:
     return {f"{name}::q": q, f"{name}::scale": scale}
 
 
-def decode(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size], cfg: CodecConfig
-           ) -> dict[str, torch.Tensor]:
-    """float32 tensors of the given ``shapes`` from :func:`encode`'s output.
+def decode(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size], cfg: CodecConfig,
+           seed: int = 0) -> dict[str, torch.Tensor]:
+    """float32 tensors of the given ``shapes`` from :func:`encode`'s output (``seed``: the
+    one it was encoded with, for ``select = "random"``).
 
     Raises :class:`~atoll.errors.WireError` naming the tensor (or the packed part) and the
     problem if anything is missing, extra, of the wrong size or dtype."""
@@ -160,7 +183,10 @@ def decode(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size], cfg:
         if cfg.topk:
             numel = math.prod(shape)
             chunk, k = _chunking(cfg.topk, numel)
-            idx = encoded[f"{name}::idx"].long()
+            if cfg.select == "random":
+                idx = _random_places(name, -(-numel // chunk), chunk, k, seed)
+            else:
+                idx = encoded[f"{name}::idx"].long()
             if idx.numel() and idx.max() >= chunk:
                 raise WireError(f"tensor {name!r}: top-k index {idx.max().item()} out of range "
                                 f"for chunks of {chunk}")
@@ -188,8 +214,9 @@ def _parts_of(numel: int, cfg: CodecConfig) -> dict[str, tuple[torch.dtype, tupl
     values = numel
     if cfg.topk:
         chunk, k = _chunking(cfg.topk, numel)
-        parts["idx"] = (torch.uint8, (-(-numel // chunk), k))
-        values = parts["idx"][1][0] * k
+        values = -(-numel // chunk) * k
+        if cfg.select == "top":
+            parts["idx"] = (torch.uint8, (-(-numel // chunk), k))
     if cfg.kind in ("fp32", "bf16"):
         parts["val"] = (torch.float32 if cfg.kind == "fp32" else torch.bfloat16, (values,))
     else:
@@ -227,6 +254,16 @@ def _unpack(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size],
     if extra:
         raise WireError(f"unexpected tensor {extra[0]!r}")
     return out
+
+
+def _random_places(name: str, n_chunks: int, chunk: int, k: int, seed: int) -> torch.Tensor:
+    """``k`` distinct places in each of ``n_chunks`` chunks, drawn from ``seed`` and the
+    tensor's name: evenly spaced from a random start, so over rounds every place comes up."""
+    g = torch.Generator().manual_seed(
+        int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:15], 16))
+    start = torch.randint(0, chunk, (n_chunks, 1), generator=g)
+    spaced = (torch.arange(k) * chunk) // k
+    return ((start + spaced) % chunk).sort(dim=1).values
 
 
 def _chunking(fraction: float, numel: int) -> tuple[int, int]:
@@ -273,11 +310,11 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self.residual: dict[str, torch.Tensor] = {}
 
-    def encode(self, delta: dict[str, torch.Tensor], cfg: CodecConfig, decay: float = 1.0
-               ) -> dict[str, torch.Tensor]:
+    def encode(self, delta: dict[str, torch.Tensor], cfg: CodecConfig, decay: float = 1.0,
+               seed: int = 0) -> dict[str, torch.Tensor]:
         send = {k: v + decay * self.residual[k] if k in self.residual else v
                 for k, v in delta.items()}
-        encoded = encode(send, cfg)
-        decoded = decode(encoded, {k: v.shape for k, v in send.items()}, cfg)
+        encoded = encode(send, cfg, seed)
+        decoded = decode(encoded, {k: v.shape for k, v in send.items()}, cfg, seed)
         self.residual = {k: send[k] - decoded[k] for k in send}
         return encoded

@@ -18,7 +18,7 @@ import torch
 from atoll.errors import WireError
 from atoll.federation.aggregate import WeightedMean
 from atoll.federation.checks import ChecksConfig, UpdateGuard, check_delta, check_header
-from atoll.federation.codecs import CodecConfig, decode, encode, parse_spec
+from atoll.federation.codecs import CodecConfig, decode, encode, parse_spec, round_seed
 from atoll.federation.downlink import Downlink
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.privacy import PrivacyConfig, PrivateMean, epsilon
@@ -181,7 +181,8 @@ class Coordinator:
                 payloads[full] = encode({n: self.weights[n] for n in names}, self.down)
             return payloads[full]
 
-        changes = self.downlink.advance(self.weights, r) if self.down.delta else None
+        changes = (self.downlink.advance(self.weights, r, round_seed(self.run_id, r - 1))
+                   if self.down.delta else None)
         plans = {}
         for s in sites:
             # a site that delivered last round holds every fragment but the one just synced,
@@ -267,7 +268,7 @@ class Coordinator:
         shapes = {n: self.shapes[n] for n in self._synced(update.round)}
         try:
             delta = decode(update.delta, {n: s for n, (s, _) in shapes.items()},
-                           parse_spec(update.codec))
+                           parse_spec(update.codec), round_seed(self.run_id, update.round))
         except WireError as e:
             return None, f"undecodable update: {e}"
         reason = check_delta(delta, shapes)

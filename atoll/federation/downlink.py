@@ -26,16 +26,19 @@ class Downlink:
         self._change: dict[str, torch.Tensor] | None = None
         self._whole: dict[str, torch.Tensor] | None = None
 
-    def advance(self, weights: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor] | None:
+    def advance(self, weights: dict[str, torch.Tensor], r: int, seed: int = 0
+                ) -> dict[str, torch.Tensor] | None:
         """Bring the copy to round ``r``'s plans; the encoded change from round ``r - 1``'s
-        copy, or None when there is no earlier copy (everyone gets it whole)."""
+        copy, or None when there is no earlier copy (everyone gets it whole). ``seed``:
+        round ``r - 1``'s, whose random places (if any) the change keeps."""
         if self.held is not None and self.held_round == r:  # this round was opened already
             return self._change
         self._change = None
         if self.held is not None and self.held_round == r - 1:
             change = {n: weights[n] - self.held[n] for n in weights}
-            self._change = encode(change, self.codec)
-            decoded = decode(self._change, {n: c.shape for n, c in change.items()}, self.codec)
+            self._change = encode(change, self.codec, seed)
+            decoded = decode(self._change, {n: c.shape for n, c in change.items()}, self.codec,
+                             seed)
             for n, d in decoded.items():
                 self.held[n] += d
         else:

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from atoll.consent.pool import allowed_sources
 from atoll.data.reader import PackedReader, TokenDataset
-from atoll.federation.codecs import ErrorFeedback, decode, encode, parse_spec
+from atoll.federation.codecs import ErrorFeedback, decode, encode, parse_spec, round_seed
 from atoll.federation.faults import check_fault, corrupt_delta, delta_fault
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import RoundPlan, SiteUpdate
@@ -109,8 +109,9 @@ class Site:
         full = plan.full or not streaming or not self.anchor
         names = list(params) if full else groups[fragment_of_round(plan.round - 1,
                                                                    plan.fragments)]
+        # changes down keep the places of the round they come from (random places)
         received = decode(plan.weights, {n: params[n].shape for n in names},
-                          parse_spec(plan.codec_down))
+                          parse_spec(plan.codec_down), round_seed(plan.run_id, plan.changes_from))
         if plan.changes_from:  # delta downlink: the change to the weights received before
             if self._completed != plan.changes_from or not self.anchor:
                 raise ValueError(f"site {self.name} holds the weights of round "
@@ -142,11 +143,11 @@ class Site:
         self._keep_anchor = streaming or plan.keep_weights
         if self.fault:
             delta = corrupt_delta(delta, self.fault, seed=plan.round)
-        up = parse_spec(plan.codec_up)
+        up, seed = parse_spec(plan.codec_up), round_seed(plan.run_id, plan.round)
         if plan.error_feedback and not up.lossless:
-            encoded = self.feedback.encode(delta, up, plan.feedback_decay)
+            encoded = self.feedback.encode(delta, up, plan.feedback_decay, seed)
         else:
-            encoded = encode(delta, up)
+            encoded = encode(delta, up, seed)
         if self.fault == "replay":
             self._first_sent = self._first_sent or encoded
             encoded = self._first_sent
