@@ -2,20 +2,24 @@
 
 Four sites, the tiny model, the same token budget for every row:
 
-* data-parallel baseline: every step each site sends its full fp32 gradient and receives the
-  averaged one (what synchronous data-parallel training over the internet would move);
-* DiLoCo (H inner steps per round) with fp32 traffic; with int8 updates up and int8 changes
-  of the weights down; with int4 updates (+ error feedback) up and int4 changes down.
+* data-parallel baselines: every step each site sends its full fp32 gradient and receives
+  the averaged one (what synchronous data-parallel training over the internet would move),
+  at a few AdamW learning rates; the best of them is the yardstick;
+* DiLoCo (H inner steps per round, outer Nesterov) with fp32 traffic; int8 updates up and
+  int8 changes of the weights down; int4 + error feedback up and int4 changes down; and
+  sparse: the largest 1/32 of every chunk of 256 entries of each update, in 2 bits, with
+  error feedback, up, and the largest 3/32 of the change of the weights, in 2 bits, down.
 
 Every row starts from the same warm model (``--warm`` data-parallel steps from scratch, as
 DiLoCo's comparisons start from a pretrained model) and trains the same tokens. Prints the
 final mean validation loss and the bytes on the wire of each (the starting model reaches
 every site once whatever the method, and is not counted), and the reduction against the
-baseline. ``--mixed`` gives every site an equal share of all
-four domains (IID); the default is the demo's one-domain-per-site split (non-IID).
+data-parallel baseline. Rows are independent runs, ``--jobs`` of them at a time (one
+thread each). ``--mixed`` gives every site an equal share of all four domains (IID); the
+default is the demo's one-domain-per-site split (non-IID).
 
-    python bench/comm.py [--steps 600] [--h 150] [--batch 8] [--warm 300] [--mixed]
-                         [--outer fedavg|diloco]
+    python bench/comm.py --mixed [--steps 2400] [--h 25] [--batch 8] [--warm 300]
+                         [--jobs 2] [--only fp32,sparse] [--dp-lrs 3e-3,6e-3]
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ import argparse
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 from atoll.config import from_dict
 from atoll.data.demo import build_demo_data, build_mixed_sites
+from atoll.data.reader import TokenDataset, validation_batches
 from atoll.federation.protocol import tensor_bytes
 from atoll.metrics import read_metrics
 from atoll.model import ModelConfig, export
@@ -35,14 +43,22 @@ from atoll.run_config import RunConfig
 from atoll.simulate import simulate
 from atoll.tokenizer import load_tokenizer
 from atoll.train.centralised import CentralisedBaseline
+from atoll.train.evaluate import validation_loss
 from atoll.train.inner import InnerConfig
 
 OUTER = {"fedavg": {"lr": 1.0, "momentum": 0.0, "nesterov": False},
-         "diloco": {"lr": 0.7, "momentum": 0.9, "nesterov": True},
-         # extrapolate: the mean of k small-batch trajectories is shorter than one
-         # large-batch trajectory of the same steps (their noise cancels)
-         "sgd2": {"lr": 2.0, "momentum": 0.0, "nesterov": False},
-         "nesterov": {"lr": 1.0, "momentum": 0.5, "nesterov": True}}
+         "diloco": {"lr": 0.7, "momentum": 0.9, "nesterov": True}}
+# name -> (uplink codec, downlink codec)
+CODECS = {
+    "fp32": ({"kind": "fp32"}, {"kind": "fp32"}),
+    "int8": ({"kind": "int8", "error_feedback": False}, {"kind": "int8", "delta": True}),
+    "int4": ({"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True}),
+    "sparse": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True},
+               {"kind": "int2", "topk": 3 / 32, "delta": True}),
+}
+LABELS = {"fp32": "fp32 both ways", "int8": "int8 up, int8 changes down",
+          "int4": "int4 + error feedback up, int4 changes down",
+          "sparse": "top 1/32 int2 + EF up, top 3/32 int2 changes down"}
 
 
 def mean(d: dict[str, float]) -> float:
@@ -61,15 +77,62 @@ def warm_start(dirs: list[Path], steps: int, batch: int, out: Path) -> Path:
     return export(model, tok, out)
 
 
+def data_parallel(dirs: list[Path], warm: Path | None, lr: float, steps: int, batch: int
+                  ) -> tuple[float, int]:
+    """Final mean validation loss and bytes of data-parallel training for ``steps`` steps
+    (each step: every site's fp32 gradient up, the mean down)."""
+    torch.set_num_threads(1)
+    tok = load_tokenizer("")
+    model = ModelConfig(path=str(warm), pretrained=True).build(tok, seed=0) if warm \
+        else ModelConfig().build(tok, seed=0)
+    inner = InnerConfig(lr=lr, warmup_steps=20, batch_size=batch, total_steps=steps)
+    dp = CentralisedBaseline("data_parallel", model, inner, dirs, 128, seed=0,
+                             total_steps=steps)
+    dp.train_to(dp.tokens_per_step * steps)
+    losses = [validation_loss(model, validation_batches(TokenDataset(d, "val", 128), 16, 8))
+              for d in dirs]
+    grad = len(tensor_bytes(dict(model.named_parameters())))
+    return sum(losses) / len(losses), steps * len(dirs) * 2 * grad
+
+
+def diloco(sites: dict[str, Path], warm: Path | None, codec: str, outer: str, lr: float,
+           h: int, steps: int, batch: int, out: Path) -> tuple[float, int]:
+    """Final mean validation loss and bytes on the wire of one federated run."""
+    up, down = CODECS[codec]
+    cfg = from_dict(RunConfig, {
+        "name": "comm", "seed": 0, "threads": 1,
+        "model": {"path": str(warm), "pretrained": True} if warm else {},
+        "inner": {"lr": lr, "warmup_steps": 20, "batch_size": batch, "total_steps": steps},
+        "outer": OUTER[outer],
+        "federation": {"rounds": steps // h, "steps_per_round": h},
+        "eval": {"every": 10_000, "max_batches": 8}, "credit": {"batches": 0},
+        "baseline": {"kinds": []}, "checkpoint": {"every": 10_000},
+        "comm": {"up": up, "down": down},
+        "sites": [{"name": n, "data": str(d)} for n, d in sites.items()]})
+    run = simulate(cfg, out, report=False)
+    rounds = [r for r in read_metrics(out / "metrics.jsonl")
+              if r["kind"] == "round" and r["run"] == "federation"]
+    # bytes of the rounds; the starting model reached every site once, for every row
+    total = sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
+    total -= next(r for r in rounds if r["round"] == 1)["bytes_down"]
+    loss = mean(run.final_losses()["federation"])
+    shutil.rmtree(out, ignore_errors=True)
+    return loss, total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=600, help="inner steps per site in all")
-    ap.add_argument("--h", type=int, default=150, help="inner steps per round")
+    ap.add_argument("--steps", type=int, default=2400, help="inner steps per site in all")
+    ap.add_argument("--h", type=int, default=25, help="inner steps per round")
     ap.add_argument("--batch", type=int, default=8, help="rows of 128 tokens per step")
     ap.add_argument("--warm", type=int, default=300, help="data-parallel steps to start from")
+    ap.add_argument("--lr", type=float, default=3e-3, help="the sites' AdamW learning rate")
+    ap.add_argument("--dp-lrs", default="3e-3,6e-3",
+                    help="learning rates of the data-parallel baselines (the best counts)")
     ap.add_argument("--mixed", action="store_true", help="IID sites (all domains each)")
-    ap.add_argument("--outer", choices=OUTER, default="fedavg")
-    ap.add_argument("--only-fp32", action="store_true", help="skip the compressed rows")
+    ap.add_argument("--outer", choices=OUTER, default="diloco")
+    ap.add_argument("--only", default=",".join(CODECS), help="DiLoCo rows to run")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="atoll-comm-"))
     tokens = (args.steps + args.warm) * args.batch * 128
@@ -81,53 +144,30 @@ def main() -> None:
     start = time.perf_counter()
     warm = warm_start(list(sites.values()), args.warm, args.batch, tmp / "warm") \
         if args.warm else None
-
-    def config(h: int, up: dict, down: dict, baseline: bool) -> RunConfig:
-        return from_dict(RunConfig, {
-            "name": "comm", "seed": 0,
-            "model": {"path": str(warm), "pretrained": True} if warm else {},
-            "inner": {"lr": 3e-3, "warmup_steps": 20, "batch_size": args.batch,
-                      "total_steps": args.steps},
-            "outer": OUTER[args.outer],
-            "federation": {"rounds": args.steps // h, "steps_per_round": h},
-            "eval": {"every": 10_000, "max_batches": 8}, "credit": {"batches": 0},
-            "baseline": {"kinds": ["data_parallel"] if baseline else []},
-            "comm": {"up": up, "down": down},
-            "sites": [{"name": n, "data": str(d)} for n, d in sites.items()]})
-
     split = "IID (every site holds all four domains)" if args.mixed else \
         "non-IID (one domain per site)"
     print(f"4 sites, {split}; from a model warmed up by {args.warm} data-parallel steps, "
           f"{args.steps} more inner steps per site of {args.batch} x 128 tokens "
-          f"({4 * args.steps * args.batch * 128 / 1e6:.2f}M tokens); outer {args.outer}")
-    variants = [("fp32", {"kind": "fp32"}, {"kind": "fp32"}),
-                ("int8 up, int8 changes down", {"kind": "int8", "error_feedback": False},
-                 {"kind": "int8", "delta": True}),
-                ("int4 + error feedback up, int4 changes down",
-                 {"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True})]
-    rows = []
-    for i, (name, up, down) in enumerate(variants[:1] if args.only_fp32 else variants):
-        out = tmp / name.split()[0]
-        run = simulate(config(args.h, up, down, baseline=i == 0), out, report=False)
-        if i == 0:  # the baseline trains alongside the first variant
-            grad = len(tensor_bytes(dict(run.model.named_parameters())))
-            dp_bytes = args.steps * 4 * 2 * grad  # each step: 4 gradients up, the mean down
-            dp_loss = mean(run.final_losses()["baseline:data_parallel"])
-            rows.append(("data-parallel, fp32 gradients every step", dp_loss, dp_bytes))
-        # bytes of the rounds; the starting model reached every site once, for every row
-        total = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0)
-                    for r in read_metrics(out / "metrics.jsonl")
-                    if r["kind"] == "round" and r["run"] == "federation")
-        first = next(r for r in read_metrics(out / "metrics.jsonl")
-                     if r["kind"] == "round" and r["run"] == "federation" and r["round"] == 1)
-        total -= first["bytes_down"]
-        rows.append((f"DiLoCo H={args.h}, {name}", mean(run.final_losses()["federation"]),
-                     total))
-        shutil.rmtree(out / "sites", ignore_errors=True)
+          f"({4 * args.steps * args.batch * 128 / 1e6:.2f}M tokens); DiLoCo: H={args.h}, "
+          f"outer {args.outer}, inner lr {args.lr:g}", flush=True)
+    dp_lrs = [float(x) for x in args.dp_lrs.split(",")]
+    codecs = [c for c in args.only.split(",") if c]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        dp = {lr: pool.submit(data_parallel, list(sites.values()), warm, lr, args.steps,
+                              args.batch) for lr in dp_lrs}
+        fed = {c: pool.submit(diloco, sites, warm, c, args.outer, args.lr, args.h,
+                              args.steps, args.batch, tmp / c) for c in codecs}
+        dp_rows = {lr: f.result() for lr, f in dp.items()}
+        fed_rows = {c: f.result() for c, f in fed.items()}
     print(f"  ({time.perf_counter() - start:.0f}s)")
-    print(f"\n{'':60}{'val loss':>9}{'vs DP':>8}{'bytes on wire':>16}{'reduction':>11}")
+    best = min(dp_rows, key=lambda lr: dp_rows[lr][0])
+    dp_loss, dp_bytes = dp_rows[best]
+    rows = [(f"data-parallel, fp32 gradients every step, lr {lr:g}"
+             + (" (the baseline)" if lr == best else ""), *dp_rows[lr]) for lr in dp_lrs]
+    rows += [(f"DiLoCo H={args.h}, {LABELS[c]}", *fed_rows[c]) for c in codecs]
+    print(f"\n{'':68}{'val loss':>9}{'vs DP':>8}{'bytes on wire':>16}{'reduction':>11}")
     for name, loss, total in rows:
-        print(f"{name:<60}{loss:9.4f}{(loss / dp_loss - 1) * 100:+7.1f}%"
+        print(f"{name:<68}{loss:9.4f}{(loss / dp_loss - 1) * 100:+7.1f}%"
               f"{total / 1e6:13.1f} MB{dp_bytes / total:10.0f}x")
     shutil.rmtree(tmp, ignore_errors=True)
 

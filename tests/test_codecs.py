@@ -270,3 +270,43 @@ def test_delta_downlink_needs_no_streaming():
     with pytest.raises(ValueError, match="does not combine with streaming"):
         from_dict(RunConfig, {"federation": {"fragments": 2},
                               "comm": {"down": {"kind": "int8", "delta": True}}}).check()
+
+
+@pytest.mark.parametrize("select", ["top", "random"])
+def test_sparse_codecs_both_ways_keep_site_and_coordinator_in_step(demo_data, tmp_path, select):
+    """One site, FedAvg, sparse 2-bit updates up and sparse 2-bit changes down, through the
+    real wire form. Every round the site trains from exactly the copy the coordinator keeps
+    of it, and the global weights move by exactly what the site sent: global - (trained +
+    site residual) = last global - (copy trained from + last site residual). Values put in
+    the wrong places (random places: a seed the two ends do not share) break both."""
+    from atoll.engines.local import LocalEngine
+    from atoll.federation.rounds import run_round
+
+    up = {"kind": "int2", "topk": 0.05, "select": select}
+    cfg = small_config(demo_data, ["code"], outer={"lr": 1.0, "momentum": 0.0,
+                                                  "nesterov": False},
+                       comm={"up": up, "down": {**up, "delta": True}})
+    run = Run(cfg, tmp_path / "run")
+    site = Site("code", demo_data["code"], tmp_path / "state")
+    engine = LocalEngine([site])
+    coord = run.coordinator
+    last = {n: w.clone() for n, w in coord.weights.items()}
+    residual = {n: torch.zeros_like(w) for n, w in last.items()}
+    try:
+        for _ in range(4):
+            report = run_round(coord, engine)
+            assert report.outcome.accepted == ["code"], report.outcome.rejected
+            trained = dict(site.model.named_parameters())
+            for n, w in coord.weights.items():
+                torch.testing.assert_close(site.anchor[n], coord.downlink.held[n],
+                                           atol=1e-6, rtol=0)
+                gap = w - trained[n].detach() - site.feedback.residual[n]
+                torch.testing.assert_close(gap, last[n] - site.anchor[n] - residual[n],
+                                           atol=1e-6, rtol=0)
+            last = {n: w.clone() for n, w in coord.weights.items()}
+            residual = {n: r.clone() for n, r in site.feedback.residual.items()}
+        assert max((w - coord.downlink.held[n]).abs().max().item()
+                   for n, w in coord.weights.items()) > 0  # the downlink did drop some
+    finally:
+        engine.close()
+        run.close()
