@@ -19,7 +19,8 @@ thread each). ``--mixed`` gives every site an equal share of all four domains (I
 default is the demo's one-domain-per-site split (non-IID).
 
     python bench/comm.py --mixed [--steps 2400] [--h 25] [--batch 8] [--warm 300]
-                         [--jobs 2] [--only fp32,sparse] [--dp-lrs 3e-3,6e-3]
+                         [--jobs 2] [--only fp32,sparse] [--dp-lrs 2e-3,3e-3]
+                         [--lr 3e-3] [--outer diloco|fedavg]
 """
 
 from __future__ import annotations
@@ -55,10 +56,20 @@ CODECS = {
     "int4": ({"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True}),
     "sparse": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True},
                {"kind": "int2", "topk": 3 / 32, "delta": True}),
+    # what each half of "sparse" costs: the same uplink with fp32 weights down; the same
+    # 1/32 down as up; random places (shared by the round, no index) instead of the largest
+    "sparse-up": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True}, {"kind": "fp32"}),
+    "sparse-even": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True},
+                    {"kind": "int2", "topk": 1 / 32, "delta": True}),
+    "random": ({"kind": "int2", "topk": 0.04, "select": "random", "error_feedback": True},
+               {"kind": "int2", "topk": 0.04, "select": "random", "delta": True}),
 }
 LABELS = {"fp32": "fp32 both ways", "int8": "int8 up, int8 changes down",
           "int4": "int4 + error feedback up, int4 changes down",
-          "sparse": "top 1/32 int2 + EF up, top 3/32 int2 changes down"}
+          "sparse": "top 1/32 int2 + EF up, top 3/32 int2 changes down",
+          "sparse-up": "top 1/32 int2 + EF up, fp32 weights down",
+          "sparse-even": "top 1/32 int2 + EF up, top 1/32 int2 changes down",
+          "random": "random 4% int2 + EF up, the same 4% int2 changes down"}
 
 
 def mean(d: dict[str, float]) -> float:
@@ -131,7 +142,8 @@ def main() -> None:
                     help="learning rates of the data-parallel baselines (the best counts)")
     ap.add_argument("--mixed", action="store_true", help="IID sites (all domains each)")
     ap.add_argument("--outer", choices=OUTER, default="diloco")
-    ap.add_argument("--only", default=",".join(CODECS), help="DiLoCo rows to run")
+    ap.add_argument("--only", default="fp32,int8,int4,sparse",
+                    help=f"DiLoCo rows to run, of {','.join(CODECS)}")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="atoll-comm-"))
