@@ -63,13 +63,23 @@ CODECS = {
                     {"kind": "int2", "topk": 1 / 32, "delta": True}),
     "random": ({"kind": "int2", "topk": 0.04, "select": "random", "error_feedback": True},
                {"kind": "int2", "topk": 0.04, "select": "random", "delta": True}),
+    # SparseLoCo: the decayed residual stands in for outer momentum, so the outer step is a
+    # plain average (FedAvg) and the change of the weights is as sparse as the updates
+    "sparseloco": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True,
+                    "feedback_decay": 0.95}, {"kind": "int2", "topk": 3 / 32, "delta": True}),
+    "sparseloco-up": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True,
+                       "feedback_decay": 0.95}, {"kind": "fp32"}),
 }
+# rows whose outer step is not --outer's
+OUTER_OF = {"sparseloco": "fedavg", "sparseloco-up": "fedavg"}
 LABELS = {"fp32": "fp32 both ways", "int8": "int8 up, int8 changes down",
           "int4": "int4 + error feedback up, int4 changes down",
           "sparse": "top 1/32 int2 + EF up, top 3/32 int2 changes down",
           "sparse-up": "top 1/32 int2 + EF up, fp32 weights down",
           "sparse-even": "top 1/32 int2 + EF up, top 1/32 int2 changes down",
-          "random": "random 4% int2 + EF up, the same 4% int2 changes down"}
+          "random": "random 4% int2 + EF up, the same 4% int2 changes down",
+          "sparseloco": "SparseLoCo: top 1/32 int2 + EF x0.95 up, top 3/32 int2 changes down",
+          "sparseloco-up": "SparseLoCo: top 1/32 int2 + EF x0.95 up, fp32 weights down"}
 
 
 def mean(d: dict[str, float]) -> float:
@@ -142,7 +152,7 @@ def main() -> None:
                     help="learning rates of the data-parallel baselines (the best counts)")
     ap.add_argument("--mixed", action="store_true", help="IID sites (all domains each)")
     ap.add_argument("--outer", choices=OUTER, default="diloco")
-    ap.add_argument("--only", default="fp32,int8,int4,sparse",
+    ap.add_argument("--only", default="fp32,int8,int4,sparseloco",
                     help=f"DiLoCo rows to run, of {','.join(CODECS)}")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = ap.parse_args()
@@ -167,7 +177,7 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         dp = {lr: pool.submit(data_parallel, list(sites.values()), warm, lr, args.steps,
                               args.batch) for lr in dp_lrs}
-        fed = {c: pool.submit(diloco, sites, warm, c, args.outer, args.lr, args.h,
+        fed = {c: pool.submit(diloco, sites, warm, c, OUTER_OF.get(c, args.outer), args.lr, args.h,
                               args.steps, args.batch, tmp / c) for c in codecs}
         dp_rows = {lr: f.result() for lr, f in dp.items()}
         fed_rows = {c: f.result() for c, f in fed.items()}
@@ -176,10 +186,12 @@ def main() -> None:
     dp_loss, dp_bytes = dp_rows[best]
     rows = [(f"data-parallel, fp32 gradients every step, lr {lr:g}"
              + (" (the baseline)" if lr == best else ""), *dp_rows[lr]) for lr in dp_lrs]
-    rows += [(f"DiLoCo H={args.h}, {LABELS[c]}", *fed_rows[c]) for c in codecs]
-    print(f"\n{'':68}{'val loss':>9}{'vs DP':>8}{'bytes on wire':>16}{'reduction':>11}")
+    outer_name = {"diloco": "DiLoCo", "fedavg": "FedAvg outer"}
+    rows += [(f"{outer_name[OUTER_OF.get(c, args.outer)]} H={args.h}, {LABELS[c]}", *fed_rows[c])
+             for c in codecs]
+    print(f"\n{'':84}{'val loss':>9}{'vs DP':>8}{'bytes on wire':>16}{'reduction':>11}")
     for name, loss, total in rows:
-        print(f"{name:<68}{loss:9.4f}{(loss / dp_loss - 1) * 100:+7.1f}%"
+        print(f"{name:<84}{loss:9.4f}{(loss / dp_loss - 1) * 100:+7.1f}%"
               f"{total / 1e6:13.1f} MB{dp_bytes / total:10.0f}x")
     shutil.rmtree(tmp, ignore_errors=True)
 
