@@ -6,9 +6,11 @@ Four sites, the tiny model, the same token budget for every row:
   the averaged one (what synchronous data-parallel training over the internet would move),
   at a few AdamW learning rates; the best of them is the yardstick;
 * DiLoCo (H inner steps per round, outer Nesterov) with fp32 traffic; int8 updates up and
-  int8 changes of the weights down; int4 + error feedback up and int4 changes down; and
-  sparse: the largest 1/32 of every chunk of 256 entries of each update, in 2 bits, with
-  error feedback, up, and the largest 3/32 of the change of the weights, in 2 bits, down.
+  int8 changes of the weights down; int4 + error feedback up and int4 changes down;
+* SparseLoCo: the largest 1/32 of every chunk of 256 entries of each update, in 2 bits, up,
+  with error feedback whose residual decays by 0.95 a round (it stands in for outer
+  momentum, so the outer step is a plain average), and the largest 3/32 of the change of
+  the weights, in 2 bits, down. ``--only`` picks other rows (see ``CODECS``).
 
 Every row starts from the same warm model (``--warm`` data-parallel steps from scratch, as
 DiLoCo's comparisons start from a pretrained model) and trains the same tokens. Prints the
@@ -54,6 +56,7 @@ CODECS = {
     "fp32": ({"kind": "fp32"}, {"kind": "fp32"}),
     "int8": ({"kind": "int8", "error_feedback": False}, {"kind": "int8", "delta": True}),
     "int4": ({"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True}),
+    "int2": ({"kind": "int2", "error_feedback": True}, {"kind": "int2", "delta": True}),
     "sparse": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True},
                {"kind": "int2", "topk": 3 / 32, "delta": True}),
     # what each half of "sparse" costs: the same uplink with fp32 weights down; the same
@@ -74,6 +77,7 @@ CODECS = {
 OUTER_OF = {"sparseloco": "fedavg", "sparseloco-up": "fedavg"}
 LABELS = {"fp32": "fp32 both ways", "int8": "int8 up, int8 changes down",
           "int4": "int4 + error feedback up, int4 changes down",
+          "int2": "int2 + error feedback up, int2 changes down",
           "sparse": "top 1/32 int2 + EF up, top 3/32 int2 changes down",
           "sparse-up": "top 1/32 int2 + EF up, fp32 weights down",
           "sparse-even": "top 1/32 int2 + EF up, top 1/32 int2 changes down",
