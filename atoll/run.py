@@ -30,7 +30,7 @@ from atoll.ledger.credit import ValidationGradient
 from atoll.metrics import MetricsLog, read_metrics
 from atoll.model import export
 from atoll.progress import Progress
-from atoll.run_config import RunConfig
+from atoll.run_config import EvalConfig, RunConfig
 from atoll.status import StatusBoard
 from atoll.storage import load_state, save_state
 from atoll.tokenizer import load_tokenizer
@@ -106,12 +106,7 @@ class Run:
             (s.name, s.data) for s in self.cfg.sites if s.data and Path(s.data).is_dir()]
         out = {}
         for name, data in sets:
-            ds = TokenDataset(data, "val", self.cfg.data.seq_len)
-            if len(ds) == 0:
-                continue  # too small to hold out validation rows
-            # a pool's held-out rows are its contributors' data too: consent applies
-            allow = consent_filter(data, self.cfg.purpose)
-            batches = validation_batches(ds, e.batch_size, e.max_batches, allow)
+            batches = held_out_batches(data, self.cfg.data.seq_len, e, self.cfg.purpose)
             if batches:
                 out[name] = batches
         return out
@@ -279,6 +274,17 @@ class Run:
             if rec["kind"] == "round" and rec.get("val_loss"):
                 last[rec["run"]] = rec["val_loss"]
         return last
+
+
+def held_out_batches(data: str | Path, seq_len: int, e: EvalConfig, purpose: str
+                     ) -> list[torch.Tensor]:
+    """The validation batches a run evaluates on for one prepared data folder (none when it
+    is too small to hold out rows). A pool's held-out rows are its contributors' data too:
+    consent applies."""
+    ds = TokenDataset(data, "val", seq_len)
+    if len(ds) == 0:
+        return []
+    return validation_batches(ds, e.batch_size, e.max_batches, consent_filter(data, purpose))
 
 
 def _lock_run_folder(out: Path, wait_s: float = 120.0) -> object:

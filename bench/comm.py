@@ -10,7 +10,7 @@ Four sites, the tiny model, the same token budget for every row:
 * SparseLoCo: the largest 1/32 of every chunk of 256 entries of each update, in 2 bits, up,
   with error feedback whose residual decays by 0.95 a round (it stands in for outer
   momentum, so the outer step is a plain average), and the largest 3/32 of the change of
-  the weights, in 2 bits, down. ``--only`` picks other rows (see ``CODECS``).
+  the weights, in 2 bits, down. ``--only`` picks other rows (see ``ROWS``).
 
 Every row starts from the same warm model (``--warm`` data-parallel steps from scratch, as
 DiLoCo's comparisons start from a pretrained model) and trains the same tokens. Prints the
@@ -32,17 +32,19 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from atoll.config import from_dict
 from atoll.data.demo import build_demo_data, build_mixed_sites
-from atoll.data.reader import TokenDataset, validation_batches
 from atoll.federation.protocol import tensor_bytes
 from atoll.metrics import read_metrics
 from atoll.model import ModelConfig, export
-from atoll.run_config import RunConfig
+from atoll.run import held_out_batches
+from atoll.run_config import EvalConfig, RunConfig
 from atoll.simulate import simulate
 from atoll.tokenizer import load_tokenizer
 from atoll.train.centralised import CentralisedBaseline
@@ -51,39 +53,48 @@ from atoll.train.inner import InnerConfig
 
 OUTER = {"fedavg": {"lr": 1.0, "momentum": 0.0, "nesterov": False},
          "diloco": {"lr": 0.7, "momentum": 0.9, "nesterov": True}}
-# name -> (uplink codec, downlink codec)
-CODECS = {
-    "fp32": ({"kind": "fp32"}, {"kind": "fp32"}),
-    "int8": ({"kind": "int8", "error_feedback": False}, {"kind": "int8", "delta": True}),
-    "int4": ({"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True}),
-    "int2": ({"kind": "int2", "error_feedback": True}, {"kind": "int2", "delta": True}),
-    "sparse": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True},
-               {"kind": "int2", "topk": 3 / 32, "delta": True}),
+
+class Row(NamedTuple):
+    """A federated row: what it is called, its uplink and downlink codecs, and its outer
+    step (None: ``--outer``'s)."""
+
+    label: str
+    up: dict
+    down: dict
+    outer: str | None = None
+
+
+_SPARSE_UP = {"kind": "int2", "topk": 1 / 32, "error_feedback": True}
+# SparseLoCo: the decayed residual stands in for outer momentum, so the outer step is a
+# plain average (FedAvg) and the change of the weights is as sparse as the updates
+_SPARSELOCO_UP = {**_SPARSE_UP, "feedback_decay": 0.95}
+_RANDOM = {"kind": "int2", "topk": 0.04, "select": "random"}
+ROWS = {
+    "fp32": Row("fp32 both ways", {"kind": "fp32"}, {"kind": "fp32"}),
+    "int8": Row("int8 up, int8 changes down", {"kind": "int8", "error_feedback": False},
+                {"kind": "int8", "delta": True}),
+    "int4": Row("int4 + error feedback up, int4 changes down",
+                {"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True}),
+    "int2": Row("int2 + error feedback up, int2 changes down",
+                {"kind": "int2", "error_feedback": True}, {"kind": "int2", "delta": True}),
+    "sparse": Row("top 1/32 int2 + EF up, top 3/32 int2 changes down", _SPARSE_UP,
+                  {"kind": "int2", "topk": 3 / 32, "delta": True}),
     # what each half of "sparse" costs: the same uplink with fp32 weights down; the same
     # 1/32 down as up; random places (shared by the round, no index) instead of the largest
-    "sparse-up": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True}, {"kind": "fp32"}),
-    "sparse-even": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True},
-                    {"kind": "int2", "topk": 1 / 32, "delta": True}),
-    "random": ({"kind": "int2", "topk": 0.04, "select": "random", "error_feedback": True},
-               {"kind": "int2", "topk": 0.04, "select": "random", "delta": True}),
-    # SparseLoCo: the decayed residual stands in for outer momentum, so the outer step is a
-    # plain average (FedAvg) and the change of the weights is as sparse as the updates
-    "sparseloco": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True,
-                    "feedback_decay": 0.95}, {"kind": "int2", "topk": 3 / 32, "delta": True}),
-    "sparseloco-up": ({"kind": "int2", "topk": 1 / 32, "error_feedback": True,
-                       "feedback_decay": 0.95}, {"kind": "fp32"}),
+    "sparse-up": Row("top 1/32 int2 + EF up, fp32 weights down", _SPARSE_UP, {"kind": "fp32"}),
+    "sparse-even": Row("top 1/32 int2 + EF up, top 1/32 int2 changes down", _SPARSE_UP,
+                       {"kind": "int2", "topk": 1 / 32, "delta": True}),
+    "random": Row("random 4% int2 + EF up, the same 4% int2 changes down",
+                  {**_RANDOM, "error_feedback": True}, {**_RANDOM, "delta": True}),
+    "sparseloco": Row("SparseLoCo: top 1/32 int2 + EF x0.95 up, top 3/32 int2 changes down",
+                      _SPARSELOCO_UP, {"kind": "int2", "topk": 3 / 32, "delta": True},
+                      "fedavg"),
+    "sparseloco-up": Row("SparseLoCo: top 1/32 int2 + EF x0.95 up, fp32 weights down",
+                         _SPARSELOCO_UP, {"kind": "fp32"}, "fedavg"),
 }
-# rows whose outer step is not --outer's
-OUTER_OF = {"sparseloco": "fedavg", "sparseloco-up": "fedavg"}
-LABELS = {"fp32": "fp32 both ways", "int8": "int8 up, int8 changes down",
-          "int4": "int4 + error feedback up, int4 changes down",
-          "int2": "int2 + error feedback up, int2 changes down",
-          "sparse": "top 1/32 int2 + EF up, top 3/32 int2 changes down",
-          "sparse-up": "top 1/32 int2 + EF up, fp32 weights down",
-          "sparse-even": "top 1/32 int2 + EF up, top 1/32 int2 changes down",
-          "random": "random 4% int2 + EF up, the same 4% int2 changes down",
-          "sparseloco": "SparseLoCo: top 1/32 int2 + EF x0.95 up, top 3/32 int2 changes down",
-          "sparseloco-up": "SparseLoCo: top 1/32 int2 + EF x0.95 up, fp32 weights down"}
+OUTER_NAMES = {"diloco": "DiLoCo", "fedavg": "FedAvg outer"}
+# both kinds of row are evaluated on the same held-out batches of every site
+EVAL = EvalConfig(every=10_000, max_batches=8)
 
 
 def mean(d: dict[str, float]) -> float:
@@ -114,25 +125,26 @@ def data_parallel(dirs: list[Path], warm: Path | None, lr: float, steps: int, ba
     dp = CentralisedBaseline("data_parallel", model, inner, dirs, 128, seed=0,
                              total_steps=steps)
     dp.train_to(dp.tokens_per_step * steps)
-    losses = [validation_loss(model, validation_batches(TokenDataset(d, "val", 128), 16, 8))
-              for d in dirs]
+    purpose = RunConfig().purpose
+    loss = mean({str(d): validation_loss(model, held_out_batches(d, 128, EVAL, purpose))
+                 for d in dirs})
     grad = len(tensor_bytes(dict(model.named_parameters())))
-    return sum(losses) / len(losses), steps * len(dirs) * 2 * grad
+    return loss, steps * len(dirs) * 2 * grad
 
 
 def diloco(sites: dict[str, Path], warm: Path | None, codec: str, outer: str, lr: float,
            h: int, steps: int, batch: int, out: Path) -> tuple[float, int]:
     """Final mean validation loss and bytes on the wire of one federated run."""
-    up, down = CODECS[codec]
+    row = ROWS[codec]
     cfg = from_dict(RunConfig, {
         "name": "comm", "seed": 0, "threads": 1,
         "model": {"path": str(warm), "pretrained": True} if warm else {},
         "inner": {"lr": lr, "warmup_steps": 20, "batch_size": batch, "total_steps": steps},
-        "outer": OUTER[outer],
+        "outer": OUTER[row.outer or outer],
         "federation": {"rounds": steps // h, "steps_per_round": h},
-        "eval": {"every": 10_000, "max_batches": 8}, "credit": {"batches": 0},
+        "eval": asdict(EVAL), "credit": {"batches": 0},
         "baseline": {"kinds": []}, "checkpoint": {"every": 10_000},
-        "comm": {"up": up, "down": down},
+        "comm": {"up": row.up, "down": row.down},
         "sites": [{"name": n, "data": str(d)} for n, d in sites.items()]})
     run = simulate(cfg, out, report=False)
     rounds = [r for r in read_metrics(out / "metrics.jsonl")
@@ -157,7 +169,7 @@ def main() -> None:
     ap.add_argument("--mixed", action="store_true", help="IID sites (all domains each)")
     ap.add_argument("--outer", choices=OUTER, default="diloco")
     ap.add_argument("--only", default="fp32,int8,int4,sparseloco",
-                    help=f"DiLoCo rows to run, of {','.join(CODECS)}")
+                    help=f"federated rows to run, of {','.join(ROWS)}")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="atoll-comm-"))
@@ -181,8 +193,8 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         dp = {lr: pool.submit(data_parallel, list(sites.values()), warm, lr, args.steps,
                               args.batch) for lr in dp_lrs}
-        fed = {c: pool.submit(diloco, sites, warm, c, OUTER_OF.get(c, args.outer), args.lr, args.h,
-                              args.steps, args.batch, tmp / c) for c in codecs}
+        fed = {c: pool.submit(diloco, sites, warm, c, args.outer, args.lr, args.h, args.steps,
+                              args.batch, tmp / c) for c in codecs}
         dp_rows = {lr: f.result() for lr, f in dp.items()}
         fed_rows = {c: f.result() for c, f in fed.items()}
     print(f"  ({time.perf_counter() - start:.0f}s)")
@@ -190,9 +202,8 @@ def main() -> None:
     dp_loss, dp_bytes = dp_rows[best]
     rows = [(f"data-parallel, fp32 gradients every step, lr {lr:g}"
              + (" (the baseline)" if lr == best else ""), *dp_rows[lr]) for lr in dp_lrs]
-    outer_name = {"diloco": "DiLoCo", "fedavg": "FedAvg outer"}
-    rows += [(f"{outer_name[OUTER_OF.get(c, args.outer)]} H={args.h}, {LABELS[c]}", *fed_rows[c])
-             for c in codecs]
+    rows += [(f"{OUTER_NAMES[ROWS[c].outer or args.outer]} H={args.h}, {ROWS[c].label}",
+              *fed_rows[c]) for c in codecs]
     print(f"\n{'':84}{'val loss':>9}{'vs DP':>8}{'bytes on wire':>16}{'reduction':>11}")
     for name, loss, total in rows:
         print(f"{name:<84}{loss:9.4f}{(loss / dp_loss - 1) * 100:+7.1f}%"
