@@ -77,6 +77,10 @@ ROWS = {
                 {"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True}),
     "int2": Row("int2 + error feedback up, int2 changes down",
                 {"kind": "int2", "error_feedback": True}, {"kind": "int2", "delta": True}),
+    # one bit a value, blocks of 256 (+ a 4-byte scale each): 1.125 bits a value each way
+    "sign": Row("sign/256 + error feedback up, sign/256 changes down",
+                {"kind": "sign", "block": 256, "error_feedback": True},
+                {"kind": "sign", "block": 256, "delta": True}),
     "sparse": Row("top 1/32 int2 + EF up, top 3/32 int2 changes down", _SPARSE_UP,
                   {"kind": "int2", "topk": 3 / 32, "delta": True}),
     # what each half of "sparse" costs: the same uplink with fp32 weights down; the same
@@ -132,15 +136,16 @@ def data_parallel(dirs: list[Path], warm: Path | None, lr: float, steps: int, ba
     return loss, steps * len(dirs) * 2 * grad
 
 
-def diloco(sites: dict[str, Path], warm: Path | None, codec: str, outer: str, lr: float,
+def diloco(sites: dict[str, Path], warm: Path | None, codec: str, outer: dict, lr: float,
            h: int, steps: int, batch: int, out: Path) -> tuple[float, int]:
-    """Final mean validation loss and bytes on the wire of one federated run."""
+    """Final mean validation loss and bytes on the wire of one federated run (``outer``:
+    the outer step's settings)."""
     row = ROWS[codec]
     cfg = from_dict(RunConfig, {
         "name": "comm", "seed": 0, "threads": 1,
         "model": {"path": str(warm), "pretrained": True} if warm else {},
         "inner": {"lr": lr, "warmup_steps": 20, "batch_size": batch, "total_steps": steps},
-        "outer": OUTER[row.outer or outer],
+        "outer": outer,
         "federation": {"rounds": steps // h, "steps_per_round": h},
         "eval": asdict(EVAL), "credit": {"batches": 0},
         "baseline": {"kinds": []}, "checkpoint": {"every": 10_000},
@@ -168,10 +173,18 @@ def main() -> None:
                     help="learning rates of the data-parallel baselines (the best counts)")
     ap.add_argument("--mixed", action="store_true", help="IID sites (all domains each)")
     ap.add_argument("--outer", choices=OUTER, default="diloco")
+    ap.add_argument("--outer-lr", type=float, help="override the --outer step's lr")
+    ap.add_argument("--outer-momentum", type=float,
+                    help="override the --outer step's momentum (Nesterov when above 0)")
     ap.add_argument("--only", default="fp32,int8,int4,sparseloco",
                     help=f"federated rows to run, of {','.join(ROWS)}")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = ap.parse_args()
+    if args.outer_lr is not None:
+        OUTER[args.outer] = {**OUTER[args.outer], "lr": args.outer_lr}
+    if args.outer_momentum is not None:
+        OUTER[args.outer] = {**OUTER[args.outer], "momentum": args.outer_momentum,
+                             "nesterov": args.outer_momentum > 0}
     tmp = Path(tempfile.mkdtemp(prefix="atoll-comm-"))
     tokens = (args.steps + args.warm) * args.batch * 128
     if args.mixed:
@@ -187,14 +200,15 @@ def main() -> None:
     print(f"4 sites, {split}; from a model warmed up by {args.warm} data-parallel steps, "
           f"{args.steps} more inner steps per site of {args.batch} x 128 tokens "
           f"({4 * args.steps * args.batch * 128 / 1e6:.2f}M tokens); DiLoCo: H={args.h}, "
-          f"outer {args.outer}, inner lr {args.lr:g}", flush=True)
+          f"outer {args.outer} {OUTER[args.outer]}, inner lr {args.lr:g}", flush=True)
     dp_lrs = [float(x) for x in args.dp_lrs.split(",")]
     codecs = [c for c in args.only.split(",") if c]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         dp = {lr: pool.submit(data_parallel, list(sites.values()), warm, lr, args.steps,
                               args.batch) for lr in dp_lrs}
-        fed = {c: pool.submit(diloco, sites, warm, c, args.outer, args.lr, args.h, args.steps,
-                              args.batch, tmp / c) for c in codecs}
+        fed = {c: pool.submit(diloco, sites, warm, c, OUTER[ROWS[c].outer or args.outer],
+                              args.lr, args.h, args.steps, args.batch, tmp / c)
+               for c in codecs}
         dp_rows = {lr: f.result() for lr, f in dp.items()}
         fed_rows = {c: f.result() for c, f in fed.items()}
     print(f"  ({time.perf_counter() - start:.0f}s)")

@@ -36,7 +36,7 @@ def block_max(x: torch.Tensor, block: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind, bound", [("fp32", 0.0), ("bf16", 2**-8), ("int8", 1 / 254),
-                                         ("int4", 1 / 14), ("int2", 1 / 3)])
+                                         ("int4", 1 / 14), ("int2", 1 / 3), ("sign", 1.0)])
 def test_round_trip_error_is_bounded(kind, bound, dtype):
     cfg = CodecConfig(kind=kind, block=16)
     x = random_tensors(0, dtype)
@@ -100,15 +100,36 @@ def test_int2_levels_are_exact_on_their_grid():
     assert torch.equal(decode(encode(x, cfg), {"w": (8,)}, cfg)["w"], x["w"])
 
 
+def test_sign_keeps_signs_and_each_blocks_mean_magnitude():
+    """sign: every value comes back as its sign times its block's mean |value|; an all-zero
+    block (a tensor that did not change) comes back as zeros, for int2 as well."""
+    g = torch.Generator().manual_seed(3)
+    x = {"w": torch.randn(5, 37, generator=g), "z": torch.zeros(3, 16)}
+    cfg = CodecConfig(kind="sign", block=16)
+    shapes = {k: v.shape for k, v in x.items()}
+    y = decode(encode(x, cfg), shapes, cfg)
+    flat, got = x["w"].reshape(-1), y["w"].reshape(-1)
+    assert torch.equal(got >= 0, flat >= 0)
+    for start in range(0, flat.numel(), 16):
+        block = flat[start:start + 16]
+        pad = 16 - block.numel()  # the last block is padded with zeros before the mean
+        want = block.abs().sum() / (block.numel() + pad)
+        torch.testing.assert_close(got[start:start + 16].abs(), want.expand(block.numel()))
+    assert torch.equal(y["z"], x["z"])
+    int2 = CodecConfig(kind="int2", block=16)
+    assert torch.equal(decode(encode(x, int2), shapes, int2)["z"], x["z"])
+
+
 def test_wire_sizes_shrink_as_promised():
     x = {"w": torch.randn(256, 256)}
     fp32 = len(tensor_bytes(encode(x, CodecConfig())))
     sizes = {k: len(tensor_bytes(encode(x, CodecConfig(kind=k, block=64))))
-             for k in ("bf16", "int8", "int4", "int2")}
+             for k in ("bf16", "int8", "int4", "int2", "sign")}
     assert fp32 / sizes["bf16"] == pytest.approx(2, rel=0.01)
     assert fp32 / sizes["int8"] == pytest.approx(4 / (1 + 4 / 64), rel=0.02)  # + a scale/block
     assert fp32 / sizes["int4"] == pytest.approx(8 / (1 + 8 / 64), rel=0.02)
     assert fp32 / sizes["int2"] == pytest.approx(16 / (1 + 16 / 64), rel=0.02)
+    assert fp32 / sizes["sign"] == pytest.approx(32 / (1 + 32 / 64), rel=0.02)
     # 1/32 of each chunk of 256: 8 one-byte indices and 8 two-bit values (+ a scale per 64)
     top = encode(x, CodecConfig(kind="int2", topk=1 / 32))
     assert sum(t.numel() * t.element_size() for t in top.values()) == 2048 + 512 + 32 * 4
@@ -116,7 +137,7 @@ def test_wire_sizes_shrink_as_promised():
 
 
 @pytest.mark.parametrize("spec", ["int4/32+top0.05", "int8/64", "bf16+top0.1", "int2/64",
-                                  "int2/64+top0.1", "int2/64+rand0.25"])
+                                  "int2/64+top0.1", "int2/64+rand0.25", "sign/64"])
 def test_error_feedback_sum_of_decoded_follows_sum_of_true(spec):
     """Deltas with a steady drift plus noise: with error feedback the decoded updates add up
     to the true total (relative error shrinking like 1/rounds); without it they do not."""
