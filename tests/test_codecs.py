@@ -293,17 +293,19 @@ def test_delta_downlink_needs_no_streaming():
                               "comm": {"down": {"kind": "int8", "delta": True}}}).check()
 
 
-@pytest.mark.parametrize("select", ["top", "random"])
-def test_sparse_codecs_both_ways_keep_site_and_coordinator_in_step(demo_data, tmp_path, select):
-    """One site, FedAvg, sparse 2-bit updates up and sparse 2-bit changes down, through the
-    real wire form. Every round the site trains from exactly the copy the coordinator keeps
-    of it, and the global weights move by exactly what the site sent: global - (trained +
-    site residual) = last global - (copy trained from + last site residual). Values put in
-    the wrong places (random places: a seed the two ends do not share) break both."""
+@pytest.mark.parametrize("up", [{"kind": "int2", "topk": 0.05, "select": "top"},
+                                {"kind": "int2", "topk": 0.05, "select": "random"},
+                                {"kind": "sign", "block": 64}])
+def test_lossy_codecs_both_ways_keep_site_and_coordinator_in_step(demo_data, tmp_path, up):
+    """One site, FedAvg, sparse 2-bit (or 1-bit sign) updates up and changes down in the
+    same codec, through the real wire form. Every round the site trains from exactly the
+    copy the coordinator keeps of it, and the global weights move by exactly what the site
+    sent: global - (trained + site residual) = last global - (copy trained from + last site
+    residual). Values put in the wrong places (random places: a seed the two ends do not
+    share) break both."""
     from atoll.engines.local import LocalEngine
     from atoll.federation.rounds import run_round
 
-    up = {"kind": "int2", "topk": 0.05, "select": select}
     cfg = small_config(demo_data, ["code"], outer={"lr": 1.0, "momentum": 0.0,
                                                   "nesterov": False},
                        comm={"up": up, "down": {**up, "delta": True}})
