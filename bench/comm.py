@@ -176,15 +176,12 @@ def main() -> None:
     ap.add_argument("--outer-lr", type=float, help="override the --outer step's lr")
     ap.add_argument("--outer-momentum", type=float,
                     help="override the --outer step's momentum (Nesterov when above 0)")
-    ap.add_argument("--outer-min-lr", type=float, default=1.0,
-                    help="the --outer step's lr falls by a cosine to this fraction of it")
     ap.add_argument("--only", default="fp32,int8,int4,sparseloco",
                     help=f"federated rows to run, of {','.join(ROWS)}")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = ap.parse_args()
     if args.outer_lr is not None:
         OUTER[args.outer] = {**OUTER[args.outer], "lr": args.outer_lr}
-    OUTER[args.outer] = {**OUTER[args.outer], "min_lr_ratio": args.outer_min_lr}
     if args.outer_momentum is not None:
         OUTER[args.outer] = {**OUTER[args.outer], "momentum": args.outer_momentum,
                              "nesterov": args.outer_momentum > 0}

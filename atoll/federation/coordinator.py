@@ -302,7 +302,7 @@ class Coordinator:
         mean = self._mean.result()
         if mean is not None:
             # Where the outer step happens: the mean pseudo-gradient is theta's "gradient".
-            self.outer.step(mean, self.step / max(1, self.total_steps))
+            self.outer.step(mean)
             out.applied = True
             on_time = self._on_time_tokens
             if on_time:

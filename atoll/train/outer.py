@@ -4,16 +4,10 @@ DiLoCo (Douillard et al., 2023, arXiv 2311.08105) treats the averaged pseudo-gra
 ``mean_i(theta - theta_i)`` as the gradient of the global weights ``theta`` and takes one
 step of SGD with Nesterov momentum (lr 0.7, momentum 0.9). FedAvg is the special case lr 1.0,
 momentum 0: the step lands exactly on the weighted mean of the sites' weights.
-
-Outer momentum multiplies what a round's inner steps move by about ``lr / (1 - momentum)``
-(7x for 0.7 and 0.9), noise included, so the inner learning rate's cosine alone anneals the
-end of a run far less than it anneals data-parallel training. ``min_lr_ratio`` below 1 lets
-the outer learning rate follow a cosine of its own, on the same step clock.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +22,6 @@ class OuterConfig:
     lr: float = 0.7
     momentum: float = 0.9
     nesterov: bool = True
-    min_lr_ratio: float = 1.0
-    """The outer lr falls by a half cosine over the run's inner steps to ``lr *
-    min_lr_ratio`` (1 = constant, as in DiLoCo)."""
 
     def check(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -39,8 +30,6 @@ class OuterConfig:
             raise ValueError(f"outer.lr must be positive, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"outer.momentum must be in [0, 1), got {self.momentum}")
-        if not 0 < self.min_lr_ratio <= 1:
-            raise ValueError(f"outer.min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
         if self.nesterov and self.momentum == 0 and self.optimizer == "sgd":
             raise ValueError("outer.nesterov needs outer.momentum > 0 (FedAvg: nesterov = false)")
 
@@ -57,24 +46,15 @@ class OuterOptimizer:
         self.names = list(weights)
         self.weights = {n: w.detach().clone().float() for n, w in weights.items()}
         self.optimizer = cfg.build([self.weights[n] for n in self.names])
-        self.cfg = cfg
-
-    def lr_at(self, progress: float) -> float:
-        """The outer learning rate ``progress`` (0..1) of the way through the run."""
-        floor = self.cfg.lr * self.cfg.min_lr_ratio
-        return floor + 0.5 * (self.cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
     @torch.no_grad()
-    def step(self, pseudo_gradient: dict[str, torch.Tensor], progress: float = 0.0) -> None:
-        """theta <- outer_step(theta, mean pseudo-gradient), at the outer learning rate of
-        ``progress`` (the fraction of the run's steps done when the round started).
+    def step(self, pseudo_gradient: dict[str, torch.Tensor]) -> None:
+        """theta <- outer_step(theta, mean pseudo-gradient).
 
         Tensors absent from ``pseudo_gradient`` (other fragments, in streaming sync) are left
         alone, momentum included: torch's optimizers skip parameters without a gradient."""
         for n, g in pseudo_gradient.items():
             self.weights[n].grad = g.to(self.weights[n].dtype)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(progress)
         self.optimizer.step()
         for n in pseudo_gradient:
             self.weights[n].grad = None
