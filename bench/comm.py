@@ -68,6 +68,8 @@ _SPARSE_UP = {"kind": "int2", "topk": 1 / 32, "error_feedback": True}
 # SparseLoCo: the decayed residual stands in for outer momentum, so the outer step is a
 # plain average (FedAvg) and the change of the weights is as sparse as the updates
 _SPARSELOCO_UP = {**_SPARSE_UP, "feedback_decay": 0.95}
+_SIGN_UP = {"kind": "sign", "block": 256, "error_feedback": True}
+_SIGN_DOWN = {"kind": "sign", "block": 256, "delta": True}
 _RANDOM = {"kind": "int2", "topk": 0.04, "select": "random"}
 ROWS = {
     "fp32": Row("fp32 both ways", {"kind": "fp32"}, {"kind": "fp32"}),
@@ -78,9 +80,10 @@ ROWS = {
     "int2": Row("int2 + error feedback up, int2 changes down",
                 {"kind": "int2", "error_feedback": True}, {"kind": "int2", "delta": True}),
     # one bit a value, blocks of 256 (+ a 4-byte scale each): 1.125 bits a value each way
-    "sign": Row("sign/256 + error feedback up, sign/256 changes down",
-                {"kind": "sign", "block": 256, "error_feedback": True},
-                {"kind": "sign", "block": 256, "delta": True}),
+    "sign": Row("sign/256 + error feedback up, sign/256 changes down", _SIGN_UP, _SIGN_DOWN),
+    # what each half of "sign" costs
+    "sign-up": Row("sign/256 + error feedback up, fp32 weights down", _SIGN_UP, {"kind": "fp32"}),
+    "sign-down": Row("fp32 up, sign/256 changes down", {"kind": "fp32"}, _SIGN_DOWN),
     "sparse": Row("top 1/32 int2 + EF up, top 3/32 int2 changes down", _SPARSE_UP,
                   {"kind": "int2", "topk": 3 / 32, "delta": True}),
     # what each half of "sparse" costs: the same uplink with fp32 weights down; the same
