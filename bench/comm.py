@@ -10,7 +10,8 @@ Four sites, the tiny model, the same token budget for every row:
 * SparseLoCo: the largest 1/32 of every chunk of 256 entries of each update, in 2 bits, up,
   with error feedback whose residual decays by 0.95 a round (it stands in for outer
   momentum, so the outer step is a plain average), and the largest 3/32 of the change of
-  the weights, in 2 bits, down. ``--only`` picks other rows (see ``ROWS``).
+  the weights, in 2 bits, down. ``--only`` picks other rows (see ``ROWS``: int2, sign, their
+  halves, random places), ``--outer-lr`` and ``--outer-momentum`` change the outer step.
 
 Every row starts from the same warm model (``--warm`` data-parallel steps from scratch, as
 DiLoCo's comparisons start from a pretrained model) and trains the same tokens. Prints the
@@ -22,7 +23,7 @@ default is the demo's one-domain-per-site split (non-IID).
 
     python bench/comm.py --mixed [--steps 2400] [--h 25] [--batch 8] [--warm 300]
                          [--jobs 2] [--only fp32,sparse] [--dp-lrs 2e-3,3e-3]
-                         [--lr 3e-3] [--outer diloco|fedavg]
+                         [--lr 3e-3] [--outer diloco|fedavg] [--outer-lr 0.5]
 """
 
 from __future__ import annotations
