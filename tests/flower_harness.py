@@ -100,7 +100,9 @@ class Federation:
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
-        deadline = time.monotonic() + 20
+        # what is still running after a few seconds is killed (a site's supernode may sit
+        # out Ctrl-C while it retries the link; nothing checks a graceful exit here)
+        deadline = time.monotonic() + 5
         for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
