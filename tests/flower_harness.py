@@ -100,8 +100,8 @@ class Federation:
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
-        # what is still running after a few seconds is killed (a site's supernode may sit
-        # out Ctrl-C while it retries the link; nothing checks a graceful exit here)
+        # whatever outlives Ctrl-C by 5 s is killed: no test checks a graceful exit, and
+        # each second here is paid by every Flower test
         deadline = time.monotonic() + 5
         for proc in procs:
             try:

@@ -8,9 +8,10 @@
   per byte), which suits what top-k keeps (large entries only) and error feedback.
 * ``sign``: one bit per value (eight per byte), its sign, times the block's mean magnitude
   (the scale that makes a block's sign quantisation error smallest). Far from exact on its
-  own; with error feedback it is signSGD with memory (Karimireddy et al. 2019), which loses
-  little, and it is the codec that lets a round of a few dozen steps cost 1000x less than
-  data-parallel training does in the same steps. An all-zero block decodes to zeros.
+  own; with error feedback it is signSGD with memory (Karimireddy et al. 2019). It is the
+  one codec dense enough to send every entry whose rounds of a few dozen steps cost 1000x
+  less than data-parallel training; at 60 rounds it still costs loss (BENCHMARKS.md). An
+  all-zero block decodes to zeros.
 * ``topk`` (optional, any kind): in every chunk of 256 consecutive entries keep only that
   fraction, the largest in magnitude: one byte of index per kept entry (its place in the
   chunk) plus the kept values encoded with ``kind``. Chunks bound the index to a byte and
