@@ -40,7 +40,9 @@ from atoll.errors import WireError
 
 KINDS = ("fp32", "bf16", "int8", "int4", "int2", "sign")
 _QMAX = {"int8": 127, "int4": 7}
-_PER_BYTE = {"int8": 1, "int4": 2, "int2": 4, "sign": 8}
+_WIDTH = {"int4": 4, "int2": 2, "sign": 1}
+"""Bits per value of the codecs that pack several values into a byte."""
+_PER_BYTE = {"int8": 1, **{k: 8 // w for k, w in _WIDTH.items()}}
 CHUNK = 256
 """Entries per top-k chunk: an index within a chunk fits in one byte."""
 
@@ -160,22 +162,17 @@ def _encode_values(name: str, flat: torch.Tensor, shape: torch.Size | None, cfg:
         scale = blocks.abs().amax(dim=1) / 1.5
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         u = torch.floor(blocks / safe[:, None] + 2).clamp(0, 3).to(torch.uint8)
-        q = (u[:, 0::4] << 6) | (u[:, 1::4] << 4) | (u[:, 2::4] << 2) | u[:, 3::4]
-        return {f"{name}::q": q, f"{name}::scale": scale}
-    if cfg.kind == "sign":  # bit 1 for >= 0, eight per byte, the first value highest
+        return {f"{name}::q": _pack_bits(u, 2), f"{name}::scale": scale}
+    if cfg.kind == "sign":  # bit 1 for >= 0, eight per byte
         scale = blocks.abs().mean(dim=1)
-        bits = (blocks >= 0).to(torch.uint8)
-        q = bits[:, 0::8] << 7
-        for j in range(1, 8):
-            q |= bits[:, j::8] << (7 - j)
-        return {f"{name}::q": q, f"{name}::scale": scale}
+        return {f"{name}::q": _pack_bits((blocks >= 0).to(torch.uint8), 1),
+                f"{name}::scale": scale}
     qmax = _QMAX[cfg.kind]
     scale = blocks.abs().amax(dim=1) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(blocks / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
     if cfg.kind == "int4":  # two values per byte, each stored as q + 8 in 1..15
-        u = (q + 8).to(torch.uint8)
-        q = (u[:, 0::2] << 4) | u[:, 1::2]
+        q = _pack_bits((q + 8).to(torch.uint8), 4)
     return {f"{name}::q": q, f"{name}::scale": scale}
 
 
@@ -307,17 +304,28 @@ def _decode_values(encoded: dict[str, torch.Tensor], name: str, numel: int,
         return encoded[f"{name}::val"].float().reshape(-1 if shape is None else shape)
     n_blocks = math.ceil(numel / cfg.block)
     q, scale = encoded[f"{name}::q"], encoded[f"{name}::scale"]
-    if cfg.kind == "int2":
-        codes = torch.stack([(q >> s) & 0x03 for s in (6, 4, 2, 0)], dim=2)
-        q = codes.reshape(n_blocks, cfg.block).float() - 1.5
-    elif cfg.kind == "sign":
-        bits = torch.stack([(q >> (7 - j)) & 0x01 for j in range(8)], dim=2)
-        q = bits.reshape(n_blocks, cfg.block).float() * 2 - 1
-    elif cfg.kind == "int4":
-        hi, lo = (q >> 4).to(torch.int8) - 8, (q & 0x0F).to(torch.int8) - 8
-        q = torch.stack([hi, lo], dim=2).reshape(n_blocks, cfg.block)
+    if cfg.kind in _WIDTH:
+        codes = _unpack_bits(q, _WIDTH[cfg.kind]).reshape(n_blocks, cfg.block).float()
+        q = {"int2": codes - 1.5, "sign": codes * 2 - 1, "int4": codes - 8}[cfg.kind]
     values = (q.float() * scale[:, None]).reshape(-1)[:numel]
     return values if shape is None else values.reshape(shape)
+
+
+def _pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack unsigned ``width``-bit codes (the last dim a multiple of 8 / width) into bytes,
+    8 / width to a byte, the first of them in the highest bits."""
+    per = 8 // width
+    q = torch.zeros(*codes.shape[:-1], codes.shape[-1] // per, dtype=torch.uint8)
+    for j in range(per):
+        q |= codes[..., j::per] << (8 - width * (j + 1))
+    return q
+
+
+def _unpack_bits(q: torch.Tensor, width: int) -> torch.Tensor:
+    """The codes :func:`_pack_bits` packed, in order (the last dim 8 / width times longer)."""
+    mask = (1 << width) - 1
+    parts = [(q >> (8 - width * (j + 1))) & mask for j in range(8 // width)]
+    return torch.stack(parts, dim=-1).reshape(*q.shape[:-1], -1)
 
 
 class ErrorFeedback:
