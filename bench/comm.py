@@ -32,7 +32,7 @@ import argparse
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -80,6 +80,10 @@ ROWS = {
                 {"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True}),
     "int2": Row("int2 + error feedback up, int2 changes down",
                 {"kind": "int2", "error_feedback": True}, {"kind": "int2", "delta": True}),
+    # blocks of 128: 2.25 bits a value each way instead of 2.5 (1000x then needs H >= 70)
+    "int2-128": Row("int2/128 + error feedback up, int2/128 changes down",
+                    {"kind": "int2", "block": 128, "error_feedback": True},
+                    {"kind": "int2", "block": 128, "delta": True}),
     # one bit a value, blocks of 256 (+ a 4-byte scale each): 1.125 bits a value each way
     "sign": Row("sign/256 + error feedback up, sign/256 changes down", _SIGN_UP, _SIGN_DOWN),
     # what each half of "sign" costs
@@ -184,11 +188,13 @@ def main() -> None:
                     help=f"federated rows to run, of {','.join(ROWS)}")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = ap.parse_args()
+    # the overrides change the outer step of the rows that use --outer's, not of the rows
+    # that name their own (SparseLoCo's plain average)
+    outer = dict(OUTER[args.outer])
     if args.outer_lr is not None:
-        OUTER[args.outer] = {**OUTER[args.outer], "lr": args.outer_lr}
+        outer["lr"] = args.outer_lr
     if args.outer_momentum is not None:
-        OUTER[args.outer] = {**OUTER[args.outer], "momentum": args.outer_momentum,
-                             "nesterov": args.outer_momentum > 0}
+        outer.update(momentum=args.outer_momentum, nesterov=args.outer_momentum > 0)
     tmp = Path(tempfile.mkdtemp(prefix="atoll-comm-"))
     tokens = (args.steps + args.warm) * args.batch * 128
     if args.mixed:
@@ -204,15 +210,20 @@ def main() -> None:
     print(f"4 sites, {split}; from a model warmed up by {args.warm} data-parallel steps, "
           f"{args.steps} more inner steps per site of {args.batch} x 128 tokens "
           f"({4 * args.steps * args.batch * 128 / 1e6:.2f}M tokens); DiLoCo: H={args.h}, "
-          f"outer {args.outer} {OUTER[args.outer]}, inner lr {args.lr:g}", flush=True)
+          f"outer {args.outer} {outer}, inner lr {args.lr:g}", flush=True)
     dp_lrs = [float(x) for x in args.dp_lrs.split(",")]
     codecs = [c for c in args.only.split(",") if c]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         dp = {lr: pool.submit(data_parallel, list(sites.values()), warm, lr, args.steps,
                               args.batch) for lr in dp_lrs}
-        fed = {c: pool.submit(diloco, sites, warm, c, OUTER[ROWS[c].outer or args.outer],
+        fed = {c: pool.submit(diloco, sites, warm, c,
+                              OUTER[ROWS[c].outer] if ROWS[c].outer else outer,
                               args.lr, args.h, args.steps, args.batch, tmp / c)
                for c in codecs}
+        names = {**{f: f"data-parallel lr {lr:g}" for lr, f in dp.items()},
+                 **{f: c for c, f in fed.items()}}
+        for f in as_completed(names):  # long runs: say what has finished
+            print(f"  {names[f]} done ({time.perf_counter() - start:.0f}s)", flush=True)
         dp_rows = {lr: f.result() for lr, f in dp.items()}
         fed_rows = {c: f.result() for c, f in fed.items()}
     print(f"  ({time.perf_counter() - start:.0f}s)")
