@@ -80,7 +80,7 @@ ROWS = {
                 {"kind": "int4", "error_feedback": True}, {"kind": "int4", "delta": True}),
     "int2": Row("int2 + error feedback up, int2 changes down",
                 {"kind": "int2", "error_feedback": True}, {"kind": "int2", "delta": True}),
-    # blocks of 128: 2.25 bits a value each way instead of 2.5 (1000x then needs H >= 70)
+    # blocks of 128: 2.25 bits a value each way instead of 2.5 (1000x then needs H >= 71)
     "int2-128": Row("int2/128 + error feedback up, int2/128 changes down",
                     {"kind": "int2", "block": 128, "error_feedback": True},
                     {"kind": "int2", "block": 128, "delta": True}),

@@ -8,10 +8,10 @@
   per byte), which suits what top-k keeps (large entries only) and error feedback.
 * ``sign``: one bit per value (eight per byte), its sign, times the block's mean magnitude
   (the scale that makes a block's sign quantisation error smallest). Far from exact on its
-  own; with error feedback it is signSGD with memory (Karimireddy et al. 2019). It is the
-  one codec dense enough to send every entry whose rounds of a few dozen steps cost 1000x
-  less than data-parallel training; at 60 rounds it still costs loss (BENCHMARKS.md). An
-  all-zero block decodes to zeros.
+  own; with error feedback it is signSGD with memory (Karimireddy et al. 2019). With blocks
+  of 256 (1.125 bits a value) it is 1000x cheaper than data-parallel training at rounds of
+  about 36 steps, half the length int2 needs, but at 60 rounds it still costs loss
+  (BENCHMARKS.md). An all-zero block decodes to zeros.
 * ``topk`` (optional, any kind): in every chunk of 256 consecutive entries keep only that
   fraction, the largest in magnitude: one byte of index per kept entry (its place in the
   chunk) plus the kept values encoded with ``kind``. Chunks bound the index to a byte and
@@ -42,6 +42,9 @@ KINDS = ("fp32", "bf16", "int8", "int4", "int2", "sign")
 _QMAX = {"int8": 127, "int4": 7}
 _WIDTH = {"int4": 4, "int2": 2, "sign": 1}
 """Bits per value of the codecs that pack several values into a byte."""
+_LEVELS = {"int4": (1.0, 8.0), "int2": (1.0, 1.5), "sign": (2.0, 1.0)}
+"""Packed code c stands for ``a * c - b`` times the block's scale: int4 q + 8, int2's four
+levels -1.5..1.5, sign's -1 and +1."""
 _PER_BYTE = {"int8": 1, **{k: 8 // w for k, w in _WIDTH.items()}}
 CHUNK = 256
 """Entries per top-k chunk: an index within a chunk fits in one byte."""
@@ -305,8 +308,8 @@ def _decode_values(encoded: dict[str, torch.Tensor], name: str, numel: int,
     n_blocks = math.ceil(numel / cfg.block)
     q, scale = encoded[f"{name}::q"], encoded[f"{name}::scale"]
     if cfg.kind in _WIDTH:
-        codes = _unpack_bits(q, _WIDTH[cfg.kind]).reshape(n_blocks, cfg.block).float()
-        q = {"int2": codes - 1.5, "sign": codes * 2 - 1, "int4": codes - 8}[cfg.kind]
+        a, b = _LEVELS[cfg.kind]
+        q = _unpack_bits(q, _WIDTH[cfg.kind]).reshape(n_blocks, cfg.block).float() * a - b
     values = (q.float() * scale[:, None]).reshape(-1)[:numel]
     return values if shape is None else values.reshape(shape)
 
