@@ -20,7 +20,7 @@ _EXPORTS = {
     "RoundPlan": "atoll.federation.protocol",
     "SiteUpdate": "atoll.federation.protocol",
     "Site": "atoll.federation.site",
-    "simulate": "atoll.simulate",
+    "simulate": "atoll.app.simulate",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import tomli_w
 import tomllib
 
-from atoll.atomic import write_atomic
+from atoll.util.atomic import write_atomic
 
 T = TypeVar("T")
 

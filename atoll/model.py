@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from atoll.atomic import replace_directory
+from atoll.util.atomic import replace_directory
 
 
 def _llama(hidden: int, layers: int, heads: int, ffn: int, kv_heads: int | None = None,

@@ -22,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from atoll.app.metrics import read_metrics
+from atoll.app.run_config import RunConfig
+from atoll.app.simulate import simulate
 from atoll.config import from_dict
 from atoll.data.demo import build_demo_data, build_mixed_sites
-from atoll.metrics import read_metrics
-from atoll.run_config import RunConfig
-from atoll.simulate import simulate
 
 RULES = [("mean", "mean", 0.0), ("mean + norm check", "mean", 10.0),
          ("median", "median", 0.0), ("trimmed mean", "trimmed_mean", 0.0),

@@ -39,16 +39,16 @@ from typing import NamedTuple
 
 import torch
 
+from atoll.app.metrics import read_metrics
+from atoll.app.run import held_out_batches
+from atoll.app.run_config import EvalConfig, RunConfig
+from atoll.app.simulate import simulate
 from atoll.config import from_dict
 from atoll.data.demo import build_demo_data, build_mixed_sites
 from atoll.federation.protocol import tensor_bytes
-from atoll.metrics import read_metrics
 from atoll.model import ModelConfig, export
-from atoll.run import held_out_batches
-from atoll.run_config import EvalConfig, RunConfig
-from atoll.simulate import simulate
 from atoll.tokenizer import load_tokenizer
-from atoll.train.centralised import CentralisedBaseline
+from atoll.train.baselines import CentralisedBaseline
 from atoll.train.evaluate import validation_loss
 from atoll.train.inner import InnerConfig
 

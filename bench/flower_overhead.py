@@ -24,11 +24,11 @@ from pathlib import Path
 
 import tomli_w
 
+from atoll.app.metrics import read_metrics
+from atoll.app.run_config import load_run_config
+from atoll.app.simulate import simulate
 from atoll.data.demo import build_demo_data
 from atoll.deploy import flower_cli as fc
-from atoll.metrics import read_metrics
-from atoll.run_config import load_run_config
-from atoll.simulate import simulate
 
 SITES = ("code", "scripture", "speeches")
 
@@ -90,7 +90,8 @@ def payloads(tmp: Path, sizes: list[float]) -> None:
         app.mkdir()
         (app / "pyproject.toml").write_text(
             fc.write_app(tmp / "tmp-app").joinpath("pyproject.toml").read_text()
-            .replace("atoll.engines.flower_app:", "flower_echo_app:")
+            .replace("atoll.engines.flower_client:", "flower_echo_app:")
+            .replace("atoll.app.flower_server:", "flower_echo_app:")
             .replace('config = ""', 'mb = 1.0\nstore = ""'))
         print("moving an update to a site and the same size back (loopback):")
         for mb in sizes:

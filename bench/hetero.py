@@ -23,15 +23,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from atoll.app.metrics import read_metrics
+from atoll.app.run_config import RunConfig
+from atoll.app.simulate import simulate
 from atoll.config import from_dict
 from atoll.data.demo import DOMAINS, build_demo_data
 from atoll.federation.codecs import CodecConfig, encode
 from atoll.federation.protocol import RoundPlan
 from atoll.federation.site import Site
-from atoll.metrics import read_metrics
 from atoll.model import ModelConfig
-from atoll.run_config import RunConfig
-from atoll.simulate import simulate
 from atoll.tokenizer import byte_tokenizer
 from atoll.train.inner import InnerConfig
 

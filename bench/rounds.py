@@ -16,9 +16,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from atoll.app.run_config import load_run_config
+from atoll.app.simulate import simulate
 from atoll.data.demo import build_demo_data
-from atoll.run_config import load_run_config
-from atoll.simulate import simulate
 
 FEDAVG = ["outer.lr=1.0", "outer.momentum=0.0", "outer.nesterov=false"]
 NESTEROV = ["outer.lr=0.7", "outer.momentum=0.9", "outer.nesterov=true"]

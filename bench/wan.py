@@ -1,6 +1,6 @@
 """A federation over an emulated internet link, with and without overlapped sync.
 
-Two sites join a coordinator on this machine through ``atoll.slowlink`` (default 20 Mbit/s,
+Two sites join a coordinator on this machine through ``atoll.deploy.slowlink`` (default 20 Mbit/s,
 100 ms each way, 1% loss), on the Flower engine. Compute utilisation is the time each site
 spends in inner steps over the wall time of the run: without overlap a site idles while its
 update crosses the link and the next plan comes back; with overlap (Streaming DiLoCo) it
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import tomli_w
 
+from atoll.app.metrics import read_metrics
 from atoll.data.demo import build_demo_data
 from atoll.deploy import flower_cli as fc
-from atoll.metrics import read_metrics
-from atoll.slowlink import LinkConfig, SlowLink
+from atoll.deploy.slowlink import LinkConfig, SlowLink
 
 SITES = ("code", "scripture")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from atoll.app.run_config import RunConfig
 from atoll.config import from_dict
 from atoll.data.demo import build_demo_data
-from atoll.run_config import RunConfig
 
 torch.set_num_threads(1)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import tomli_w
 
+from atoll.app.metrics import read_metrics
 from atoll.deploy.flower_cli import free_port
-from atoll.metrics import read_metrics
 
 ATOLL = [sys.executable, "-m", "atoll"]
 

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from atoll.app.metrics import read_metrics
+from atoll.app.simulate import simulate
 from atoll.federation.privacy import PrivacyConfig, PrivateMean, clip_update
 from atoll.federation.robust import AggregationConfig, RobustAggregate, trimmed_mean
-from atoll.metrics import read_metrics
-from atoll.simulate import simulate
 from tests.conftest import small_config
 
 HONEST = ["code", "speeches"]
@@ -147,15 +147,15 @@ def test_reported_epsilon_is_the_accountants(demo_data, tmp_path):
         assert r["epsilon"] == pytest.approx(eps, rel=1e-9)
     eps = [r["epsilon"] for r in rounds_of(tmp_path / "run")]
     assert eps == sorted(eps) and eps[0] > 0
-    from atoll.report import write_report
+    from atoll.app.html_report import write_report
 
     page = write_report(tmp_path / "run").read_text()
     assert f"epsilon {eps[-1]:.3g} at delta 1e-05 after 3 rounds" in page
 
 
 def test_dp_needs_the_mean():
+    from atoll.app.run_config import RunConfig
     from atoll.config import from_dict
-    from atoll.run_config import RunConfig
 
     with pytest.raises(ValueError, match="needs aggregation.rule"):
         from_dict(RunConfig, {"privacy": {"noise_multiplier": 1.0},

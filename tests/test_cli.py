@@ -6,8 +6,8 @@ import json
 
 from safetensors.torch import load_file
 
+from atoll.app.metrics import read_metrics
 from atoll.cli import main
-from atoll.metrics import read_metrics
 
 
 def test_simulate_resume_report(demo_data, tmp_path, capsys):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atoll.app.metrics import read_metrics
+from atoll.app.run import Run
+from atoll.app.run_config import RunConfig
+from atoll.app.simulate import simulate
 from atoll.config import from_dict
-from atoll.errors import WireError
 from atoll.federation.codecs import CodecConfig, ErrorFeedback, decode, encode, parse_spec
 from atoll.federation.protocol import tensor_bytes
 from atoll.federation.site import Site
-from atoll.metrics import read_metrics
-from atoll.run import Run
-from atoll.run_config import RunConfig
-from atoll.simulate import simulate
+from atoll.util.errors import WireError
 from tests.conftest import small_config
 
 SHAPES = [(1,), (7,), (3, 5), (13, 17, 3), (129,), (64, 2)]

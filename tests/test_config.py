@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from atoll.app.run_config import RunConfig, load_run_config
 from atoll.cli import main
 from atoll.config import ConfigError, load, save
-from atoll.run_config import RunConfig, load_run_config
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -10,6 +10,7 @@ import sqlite3
 import numpy as np
 import pytest
 
+from atoll.app.run import Run
 from atoll.cli import main
 from atoll.consent.pool import Pool
 from atoll.data.reader import TokenDataset
@@ -17,7 +18,6 @@ from atoll.engines.local import LocalEngine
 from atoll.federation.site import Site
 from atoll.ledger.chain import read_entries, verify_ledger
 from atoll.ledger.credit import shares
-from atoll.run import Run
 from tests.conftest import small_config
 
 
@@ -82,7 +82,7 @@ def test_a_commercial_run_never_reads_research_only_data(tmp_path, pool):
     # and what the site signed says the same
     for e in read_entries(tmp_path / "run" / "ledger.sqlite"):
         if e.kind == "update":
-            who = {c["contributor"] for c in e.body["report"]["contributions"].values()}
+            who = {c["contributor"] for c in e.body["receipt"]["contributions"].values()}
             assert who <= {"bob", "carol"}, e.body
     # a research run reads alice only
     _, engine = run_pool(tmp_path, pool, "research", rounds=1, name="research")
@@ -104,7 +104,7 @@ def test_revocation_takes_effect_from_the_next_round_and_erases(tmp_path, pool):
     assert carol[3] == carol[2] == carol[1]  # not one row after round 2
     rounds_read = {e.round for e in read_entries(tmp_path / "run" / "ledger.sqlite")
                    if e.kind == "update" and any(c["contributor"] == "carol" for c in
-                                                 e.body["report"]["contributions"].values())}
+                                                 e.body["receipt"]["contributions"].values())}
     assert rounds_read == {1, 2}
     ds = TokenDataset(pool, "train")  # her rows were overwritten at the site
     rows = np.flatnonzero(np.asarray(ds.row_sources) == src["carol"])
@@ -184,7 +184,7 @@ def test_cli_contribute_revoke_verify_shares(tmp_path, capsys, pool):
 
 
 def test_the_ledger_chains_every_round_with_signed_reports(demo_data, tmp_path):
-    from atoll.simulate import simulate
+    from atoll.app.simulate import simulate
 
     cfg = small_config(demo_data, ["code", "speeches"], federation={"rounds": 3})
     simulate(cfg, tmp_path / "run", report=False)
@@ -194,7 +194,7 @@ def test_the_ledger_chains_every_round_with_signed_reports(demo_data, tmp_path):
     assert [e.kind for e in entries] == ["genesis"] + ["update", "update", "round"] * 3
     for e in entries:
         if e.kind == "update":
-            assert e.body["report"]["tokens"] == e.body["tokens"] == 3 * 4 * 64
+            assert e.body["receipt"]["tokens"] == e.body["tokens"] == 3 * 4 * 64
             assert e.body["weight"] == pytest.approx(0.5)
             assert e.body["value"] == pytest.approx(0.5 * e.body["alignment"])
     # ids and hashes only: no 24-byte piece of what was trained on is in the ledger
@@ -208,7 +208,7 @@ def test_the_ledger_chains_every_round_with_signed_reports(demo_data, tmp_path):
 def test_a_restart_voids_the_rounds_it_repeats_and_shares_match(demo_data, tmp_path):
     """Checkpoint every 2 rounds, crash in round 4: round 3 was written to the ledger but is
     run again; the ledger says so (a void entry) and the shares equal the straight run's."""
-    from atoll.simulate import simulate
+    from atoll.app.simulate import simulate
     from tests.test_resume import Crash, CrashingEngine
 
     cfg = small_config(demo_data, ["code", "speeches"], federation={"rounds": 4},
@@ -238,8 +238,8 @@ def test_a_garbage_site_earns_clearly_less(demo_data, tmp_path):
     2.21); from round 2 on the honest sites' values sum to +0.036 (scripture) .. +0.152
     (code) and the garbage site's to -0.056: it pulls the model away from language. Shares:
     garbage 3.5%, honest sites 12.7% (scripture) .. 37.2% (code)."""
+    from atoll.app.simulate import simulate
     from atoll.data.prepare import PrepareOptions, prepare
-    from atoll.simulate import simulate
 
     raw = bytearray(b"".join(bytes(r.astype(np.uint8)) for r in TokenDataset(
         demo_data["speeches"], "train").rows(np.arange(1500))))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from atoll.app.metrics import read_metrics
 from atoll.cli import main
-from atoll.metrics import read_metrics
 
 
 @pytest.mark.slow

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from atoll.app.metrics import read_metrics
+from atoll.app.simulate import simulate
 from atoll.data.reader import TokenDataset, validation_batches
-from atoll.metrics import read_metrics
-from atoll.simulate import simulate
 from atoll.train.evaluate import validation_loss
 from tests.conftest import small_config
 

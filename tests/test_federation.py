@@ -6,13 +6,13 @@ import copy
 
 import torch
 
+from atoll.app.metrics import read_metrics
+from atoll.app.run_config import EvalSet
+from atoll.app.simulate import simulate
 from atoll.federation.checks import ChecksConfig
 from atoll.federation.codecs import CodecConfig, encode
 from atoll.federation.coordinator import Coordinator, FederationConfig
 from atoll.federation.protocol import SiteUpdate
-from atoll.metrics import read_metrics
-from atoll.run_config import EvalSet
-from atoll.simulate import simulate
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig
 from tests.conftest import small_config

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from atoll.app.metrics import read_metrics
+from atoll.app.run_config import load_run_config
+from atoll.app.simulate import simulate
+from atoll.app.status import read_status
 from atoll.deploy.keys import make_keys
 from atoll.ledger.chain import read_entries, verify_ledger
 from atoll.ledger.credit import shares
-from atoll.metrics import read_metrics
-from atoll.run_config import load_run_config
-from atoll.simulate import simulate
-from atoll.status import read_status
 from tests.flower_harness import Federation, write_config
 
 pytestmark = pytest.mark.slow

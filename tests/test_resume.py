@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atoll.app.metrics import read_metrics
+from atoll.app.run import Run
+from atoll.app.simulate import simulate
 from atoll.engines.local import LocalEngine
-from atoll.metrics import read_metrics
-from atoll.run import Run
-from atoll.simulate import simulate
 from tests.conftest import small_config
 
 

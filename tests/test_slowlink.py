@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from atoll.slowlink import LinkConfig, SlowLink
+from atoll.deploy.slowlink import LinkConfig, SlowLink
 
 
 class Echo:

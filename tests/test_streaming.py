@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atoll.app.metrics import read_metrics
+from atoll.app.simulate import simulate
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.site import data_seed
-from atoll.metrics import read_metrics
 from atoll.model import ModelConfig
-from atoll.simulate import simulate
 from atoll.tokenizer import byte_tokenizer
 from tests.conftest import small_config
 from tests.test_training import plain_adamw_loop

@@ -44,10 +44,10 @@ def test_any_local_hugging_face_tokenizer_replaces_the_default(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from atoll.app.run_config import RunConfig
+    from atoll.app.simulate import simulate
     from atoll.config import from_dict
     from atoll.data.prepare import PrepareOptions, prepare
-    from atoll.run_config import RunConfig
-    from atoll.simulate import simulate
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog and keeps running " * 400)

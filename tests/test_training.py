@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
+from atoll.app.simulate import simulate
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.federation.site import data_seed
 from atoll.model import ModelConfig
-from atoll.simulate import simulate
 from atoll.tokenizer import byte_tokenizer
 from atoll.train.inner import InnerConfig, InnerTrainer
 from atoll.train.outer import OuterConfig, OuterOptimizer
@@ -121,7 +121,7 @@ def test_gradient_accumulation_equals_the_combined_batch():
 
 
 def test_reset_state_starts_each_round_with_fresh_adamw(demo_data, tmp_path):
-    from atoll.storage import load_state
+    from atoll.util.storage import load_state
 
     for reset, expected_steps in ((False, 3 * 2), (True, 3)):
         cfg = small_config(demo_data, ["code"], inner={"reset_state": reset},
@@ -138,7 +138,7 @@ def test_time_budget_rounds(demo_data, tmp_path):
     cfg = small_config(demo_data, ["code", "speeches"], inner={"total_steps": 100},
                        federation={"rounds": 2, "steps_per_round": 0, "time_budget_s": 0.5})
     run = simulate(cfg, tmp_path / "run", report=False)
-    from atoll.metrics import read_metrics
+    from atoll.app.metrics import read_metrics
 
     sites = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "site"]
     assert len(sites) == 4 and all(r["steps"] >= 1 and r["accepted"] for r in sites)

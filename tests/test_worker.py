@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from atoll.deploy.worker import SiteWorker, call_worker
+from atoll.engines.site_worker import SiteWorker, call_worker
 from atoll.federation.coordinator import Coordinator, FederationConfig
 from atoll.federation.protocol import SiteUpdate, from_parts, header, tensor_bytes
 from atoll.federation.site import Site

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from atoll.atomic import write_atomic
 from atoll.consent.minhash import NEAR_DUPLICATE, signature, similarity
 from atoll.data.prepare import FORMAT, PrepareOptions, file_sha256, prepare
 from atoll.data.sources import DataError, read_documents
 from atoll.tokenizer import load_tokenizer
+from atoll.util.atomic import write_atomic
 
 DB = "consent.sqlite"
 PURPOSES = ("pretraining", "research", "commercial")  # the usual ones; any word is accepted

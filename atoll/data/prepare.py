@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from atoll.atomic import replace_directory
 from atoll.data.sources import DataError, expand_inputs, read_documents
 from atoll.tokenizer import encode_fast, load_tokenizer
+from atoll.util.atomic import replace_directory
+from atoll.util.hashing import seed_of
 
 FORMAT = "atoll-tokens/1"
 VAL_BLOCK = 8  # rows per validation block
@@ -106,7 +107,7 @@ def val_mask(n_rows: int, val_fraction: float, key: str) -> np.ndarray:
     if val_fraction <= 0 or n_rows < 2 * VAL_BLOCK:
         return mask
     k = max(2, round(1 / val_fraction))
-    offset = int(hashlib.sha256(key.encode()).hexdigest(), 16) % k
+    offset = seed_of(key, hex_digits=64) % k
     blocks = np.arange(n_rows) // VAL_BLOCK
     mask[(blocks + offset) % k == 0] = True
     return mask

@@ -20,6 +20,10 @@ from pathlib import Path
 APP_NAME = "atoll"
 CONNECTION = "atoll"
 
+INSECURE_WARNING = ("WARNING: --insecure: no TLS and no site authentication. Anyone who can "
+                    "reach the coordinator's port can join, read the model and send updates. "
+                    "Use it only on loopback for development.")
+
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process: its own FLWR_HOME, no telemetry, no update check."""
@@ -114,8 +118,8 @@ dependencies = []
 publisher = "atoll"
 
 [tool.flwr.app.components]
-serverapp = "atoll.engines.flower_app:server_app"
-clientapp = "atoll.engines.flower_app:client_app"
+serverapp = "atoll.app.flower_server:server_app"
+clientapp = "atoll.engines.flower_client:client_app"
 
 [tool.flwr.app.config]
 config = ""

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from atoll.atomic import write_atomic
+from atoll.util.atomic import write_atomic
 
 VALID_DAYS = 825
 LOCAL_NAMES = ["localhost", "127.0.0.1", "::1"]  # the SuperLink also dials itself on loopback

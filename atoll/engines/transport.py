@@ -15,7 +15,7 @@ import hashlib
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from atoll.errors import WireError
+from atoll.util.errors import WireError
 
 
 def pack(blob: bytes, store: str = "", key: str = "") -> RecordDict:

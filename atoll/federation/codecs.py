@@ -30,13 +30,13 @@ the expected shape and says exactly what is wrong with a corrupt or truncated up
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
 
-from atoll.errors import WireError
+from atoll.util.errors import WireError
+from atoll.util.hashing import seed_of
 
 KINDS = ("fp32", "bf16", "int8", "int4", "int2", "sign")
 _QMAX = {"int8": 127, "int4": 7}
@@ -117,7 +117,7 @@ def parse_spec(spec: str) -> CodecConfig:
 
 def round_seed(run_id: str, round_: int) -> int:
     """The seed of round ``round_``'s random places (``select = "random"``)."""
-    return int(hashlib.sha256(f"{run_id}:{round_}".encode()).hexdigest()[:15], 16)
+    return seed_of(run_id, round_, hex_digits=15)
 
 
 def encode(named: dict[str, torch.Tensor], cfg: CodecConfig, seed: int = 0
@@ -184,7 +184,7 @@ def decode(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size], cfg:
     """float32 tensors of the given ``shapes`` from :func:`encode`'s output (``seed``: the
     one it was encoded with, for ``select = "random"``).
 
-    Raises :class:`~atoll.errors.WireError` naming the tensor (or the packed part) and the
+    Raises :class:`~atoll.util.errors.WireError` naming the tensor (or the packed part) and the
     problem if anything is missing, extra, of the wrong size or dtype."""
     if _packed(cfg):
         encoded = _unpack(encoded, shapes, cfg)
@@ -273,8 +273,7 @@ def _unpack(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size],
 def _random_places(name: str, n_chunks: int, chunk: int, k: int, seed: int) -> torch.Tensor:
     """``k`` distinct places in each of ``n_chunks`` chunks, drawn from ``seed`` and the
     tensor's name: evenly spaced from a random start, so over rounds every place comes up."""
-    g = torch.Generator().manual_seed(
-        int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:15], 16))
+    g = torch.Generator().manual_seed(seed_of(seed, name, hex_digits=15))
     start = torch.randint(0, chunk, (n_chunks, 1), generator=g)
     spaced = (torch.arange(k) * chunk) // k
     return ((start + spaced) % chunk).sort(dim=1).values

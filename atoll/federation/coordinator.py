@@ -15,17 +15,18 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from atoll.errors import WireError
 from atoll.federation.aggregate import WeightedMean
 from atoll.federation.checks import ChecksConfig, UpdateGuard, check_delta, check_header
 from atoll.federation.codecs import CodecConfig, decode, encode, parse_spec, round_seed
 from atoll.federation.downlink import Downlink
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.privacy import PrivacyConfig, PrivateMean, epsilon
-from atoll.federation.protocol import RoundPlan, SiteUpdate, digest
+from atoll.federation.protocol import RoundPlan, SiteUpdate
 from atoll.federation.robust import AggregationConfig, RobustAggregate
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig, OuterOptimizer
+from atoll.util.errors import WireError
+from atoll.util.hashing import tensors_digest
 
 
 @dataclass
@@ -275,7 +276,7 @@ class Coordinator:
         if reason is not None:
             return None, reason
         part = str(fragment_of_round(update.round, self.cfg.fragments))
-        fingerprint = digest(update.delta)
+        fingerprint = tensors_digest(update.delta)
         reason, norm = self.guard.check(update.site, delta, fingerprint, part)
         if reason is None and self.audit is not None:
             reason = self.audit(update, delta)

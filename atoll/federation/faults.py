@@ -27,16 +27,8 @@ import os
 import torch
 
 from atoll.federation.checks import global_norm
+from atoll.federation.fault_kinds import DELTA_FAULTS, WIRE_FAULTS, check_fault
 from atoll.federation.protocol import SiteUpdate
-
-DELTA_FAULTS = ("sign_flip", "scale100", "noise", "zero", "replay", "nan", "shape")
-WIRE_FAULTS = ("stale", "garbage")
-FAULTS = ("", *DELTA_FAULTS, *WIRE_FAULTS)
-
-
-def check_fault(fault: str) -> None:
-    if fault not in FAULTS:
-        raise ValueError(f"unknown fault {fault!r} (one of {', '.join(f for f in FAULTS if f)})")
 
 
 @torch.no_grad()

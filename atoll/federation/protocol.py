@@ -12,7 +12,6 @@ Engines implement :class:`Engine`; the coordinator and the site never see how me
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from atoll.errors import WireError
+from atoll.util.errors import WireError
 
 WIRE_VERSION = 1
 
@@ -98,9 +97,9 @@ class SiteUpdate:
     compute_seconds: float
     codec: str = "fp32"
     """How ``delta`` is encoded."""
-    report: dict[str, Any] = field(default_factory=dict)
-    """What the site says it trained on (:mod:`atoll.ledger.reports`), signed by it."""
-    report_signature: str = ""
+    receipt: dict[str, Any] = field(default_factory=dict)
+    """What the site says it trained on (:mod:`atoll.ledger.receipts`), signed by it."""
+    receipt_signature: str = ""
     signer: str = ""
     """The site's Ed25519 public key (hex)."""
     bytes_up: int = 0
@@ -131,16 +130,6 @@ def header(msg: RoundPlan | SiteUpdate) -> dict[str, Any]:
 
 def tensors(msg: RoundPlan | SiteUpdate) -> dict[str, torch.Tensor]:
     return getattr(msg, _TENSOR_FIELD[type(msg)])
-
-
-def digest(named: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of named tensors: names, dtypes, shapes and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(named):
-        t = named[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def tensor_bytes(named: dict[str, torch.Tensor]) -> bytes:

@@ -10,7 +10,7 @@ from atoll.federation.protocol import Engine, SiteFailure, SiteUpdate
 
 
 @dataclass
-class RoundReport:
+class RoundResult:
     """A closed round plus every reply it got (accepted or not), for metrics and display."""
 
     outcome: RoundOutcome
@@ -20,7 +20,7 @@ class RoundReport:
 
 def run_round(coordinator: Coordinator, engine: Engine,
               on_open: Callable[[int, list[str]], None] | None = None,
-              on_reply: Callable[[str, bool, str], None] | None = None) -> RoundReport:
+              on_reply: Callable[[str, bool, str], None] | None = None) -> RoundResult:
     """One round of DiLoCo: every reply is checked; one bad site never stops the others.
 
     ``on_open(round, sites)`` and ``on_reply(site, accepted, detail)`` let a caller show
@@ -46,4 +46,4 @@ def run_round(coordinator: Coordinator, engine: Engine,
     answered = {r.site for r in replies} | {f.site for f in failures}
     for site in sorted(planned - answered):
         coordinator.reject(site, "no reply")
-    return RoundReport(coordinator.close(), replies, failures)
+    return RoundResult(coordinator.close(), replies, failures)

@@ -30,10 +30,11 @@ from atoll.federation.codecs import ErrorFeedback, decode, encode, parse_spec, r
 from atoll.federation.faults import check_fault, corrupt_delta, delta_fault
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import RoundPlan, SiteUpdate
-from atoll.ledger.reports import build_report, sign_report
+from atoll.ledger.receipts import build_receipt, sign_receipt
 from atoll.ledger.signing import Signer
-from atoll.storage import load_state, save_state
 from atoll.train.inner import InnerConfig, InnerTrainer, TrainResult
+from atoll.util.hashing import seed_of
+from atoll.util.storage import load_state, save_state
 
 KEEP_STATES = 2
 _ROUND_DIR = re.compile(r"^round-(\d{5,})$")
@@ -41,7 +42,7 @@ _ROUND_DIR = re.compile(r"^round-(\d{5,})$")
 
 def data_seed(run_seed: int, site: str) -> int:
     """The seed of a site's data order: fixed by the run's seed and the site's name."""
-    return int(hashlib.sha256(f"{run_seed}:{site}".encode()).hexdigest()[:8], 16)
+    return seed_of(run_seed, site)
 
 
 class Site:
@@ -152,7 +153,7 @@ class Site:
             self._first_sent = self._first_sent or encoded
             encoded = self._first_sent
         read = {s: n - self._yielded_base.get(s, 0) for s, n in self.reader.yielded.items()}
-        report = build_report(run_id=plan.run_id, round_=plan.round, site=self.name,
+        receipt = build_receipt(run_id=plan.run_id, round_=plan.round, site=self.name,
                               purpose=plan.purpose, rows_by_source=read,
                               sources=self.reader.dataset.sources,
                               seq_len=self.reader.dataset.seq_len, delta=encoded)
@@ -162,7 +163,7 @@ class Site:
             run_id=plan.run_id, round=plan.round, site=self.name, delta=encoded,
             tokens=result.tokens, steps=result.steps, train_loss=result.loss,
             seconds=result.seconds, compute_seconds=result.compute_seconds, codec=up.spec,
-            report=report, report_signature=sign_report(report, signer), signer=signer.public)
+            receipt=receipt, receipt_signature=sign_receipt(receipt, signer), signer=signer.public)
 
     def _signer(self) -> Signer:
         """This site's own Ed25519 key (made on first use, kept with its state)."""

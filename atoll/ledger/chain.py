@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atoll.atomic import write_atomic
 from atoll.ledger.signing import Signer, verify
+from atoll.util.atomic import write_atomic
 
 ZERO = "0" * 64
 SCHEMA = """

@@ -105,7 +105,7 @@ def shares(entries: Iterable[Entry]) -> list[Share]:
         positive[e.round] += max(e.body.get("value") or 0.0, 0.0)
     for e in kept:
         b = e.body
-        contribs = b["report"]["contributions"].values()
+        contribs = b["receipt"]["contributions"].values()
         total = sum(c["tokens"] for c in contribs) or 1
         gain = max(b.get("value") or 0.0, 0.0)
         for c in contribs:

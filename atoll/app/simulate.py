@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from atoll.app.html_report import write_report
+from atoll.app.progress import Progress
+from atoll.app.run import Run
+from atoll.app.run_config import RunConfig
 from atoll.engines.local import LocalEngine
 from atoll.federation.site import Site
-from atoll.progress import Progress
-from atoll.report import write_report
-from atoll.run import Run
-from atoll.run_config import RunConfig
 
 
 def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,

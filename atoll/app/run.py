@@ -1,7 +1,7 @@
 """A run folder and the loop that fills it, whatever engine moves the messages.
 
 ``Run`` owns what a person reads afterwards: the resolved ``config.toml``, ``metrics.jsonl``,
-``checkpoints/``, ``model/`` and (via :mod:`atoll.report`) ``report.html``. It evaluates the
+``checkpoints/``, ``model/`` and (via :mod:`atoll.app.html_report`) ``report.html``. It
 global model per domain, keeps the centralised baselines level with the federation, and
 checkpoints after every round so that ``--resume`` continues exactly where it stopped.
 """
@@ -18,27 +18,26 @@ from pathlib import Path
 
 import torch
 
-from atoll.atomic import write_atomic
+from atoll.app.books import Books
+from atoll.app.metrics import FEDERATION, MetricsLog, read_metrics
+from atoll.app.progress import Progress
+from atoll.app.run_config import EvalConfig, RunConfig
+from atoll.app.status import StatusBoard
 from atoll.config import save as save_config
 from atoll.consent.pool import consent_filter
 from atoll.data.reader import TokenDataset, validation_batches
 from atoll.federation.coordinator import Coordinator
 from atoll.federation.protocol import Engine
-from atoll.federation.rounds import RoundReport, run_round
-from atoll.ledger.books import Books
+from atoll.federation.rounds import RoundResult, run_round
 from atoll.ledger.credit import ValidationGradient
-from atoll.metrics import MetricsLog, read_metrics
 from atoll.model import export
-from atoll.progress import Progress
-from atoll.run_config import EvalConfig, RunConfig
-from atoll.status import StatusBoard
-from atoll.storage import load_state, save_state
 from atoll.tokenizer import load_tokenizer
-from atoll.train.centralised import CentralisedBaseline
+from atoll.train.baselines import CentralisedBaseline
 from atoll.train.evaluate import validation_loss
+from atoll.util.atomic import write_atomic
+from atoll.util.storage import load_state, save_state
 
 _CKPT = re.compile(r"^round-(\d{5,})$")
-FEDERATION = "federation"
 
 
 class Run:
@@ -133,7 +132,7 @@ class Run:
                                self.status.reported)
             self._record(report, time.perf_counter() - start)
 
-    def _record(self, report: RoundReport, seconds: float) -> None:
+    def _record(self, report: RoundResult, seconds: float) -> None:
         out = report.outcome
         r = out.round
         self.books.close_round(out, self.coordinator.weights)
@@ -156,7 +155,7 @@ class Run:
         if r % self.cfg.checkpoint.every == 0 or r == self.cfg.federation.rounds:
             self.checkpoint()
 
-    def _evaluate_and_log(self, r: int, report: RoundReport | None, seconds: float) -> None:
+    def _evaluate_and_log(self, r: int, report: RoundResult | None, seconds: float) -> None:
         due = r == 0 or r % self.cfg.eval.every == 0 or r == self.cfg.federation.rounds
         fed_val = self.evaluate(self.coordinator.weights) if due else None
         out = report.outcome if report else None

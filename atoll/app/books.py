@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from atoll.federation.coordinator import RoundOutcome
-from atoll.federation.protocol import SiteUpdate, digest
+from atoll.federation.protocol import SiteUpdate
 from atoll.ledger.chain import Ledger, read_entries
 from atoll.ledger.credit import ValidationGradient, alignment
-from atoll.ledger.reports import check_report
+from atoll.ledger.receipts import check_receipt
 from atoll.ledger.signing import Signer
+from atoll.util.hashing import tensors_digest
 
 LEDGER = "ledger.sqlite"
 KEY = "ledger.key"
@@ -74,14 +75,14 @@ class Books:
 
     def audit(self, update: SiteUpdate, delta: dict[str, torch.Tensor]) -> str | None:
         """Check ``update``'s signed report and value it; a reason to refuse, or None."""
-        reason = check_report(update, self.run_id, self.purpose, self.pinned.get(update.site))
+        reason = check_receipt(update, self.run_id, self.purpose, self.pinned.get(update.site))
         if reason is not None:
             return reason
         value = alignment(self._gradient(), delta) if self.probe else None
         self._pending[(update.site, update.round)] = {
             "site": update.site, "trained_in": update.round, "tokens": update.tokens,
             "alignment": value if value is not None and math.isfinite(value) else None,
-            "report": update.report, "report_signature": update.report_signature,
+            "receipt": update.receipt, "receipt_signature": update.receipt_signature,
             "signer": update.signer}
         return None
 
@@ -109,7 +110,7 @@ class Books:
             self.pinned.setdefault(b["site"], b["signer"])
         self._append("round", out.round, {
             "accepted": out.accepted, "late": out.late, "rejected": out.rejected,
-            "applied": out.applied, "tokens": out.tokens, "model_sha256": digest(weights)})
+            "applied": out.applied, "tokens": out.tokens, "model_sha256": tensors_digest(weights)})
         self._pending.clear()
 
     def _append(self, kind: str, round_: int, body: dict[str, Any]) -> None:

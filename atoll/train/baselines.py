@@ -14,7 +14,6 @@ touched) and train until they have seen as many tokens as the federation.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -23,6 +22,11 @@ import torch
 from atoll.consent.pool import consent_filter
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.train.inner import InnerConfig, InnerTrainer, TrainResult
+from atoll.util.hashing import seed_of
+
+BASELINE_KINDS = ("data_parallel", "sequential")
+"""``data_parallel``: the sites' batches combined, the same number of steps (the headline);
+``sequential``: one site's batch, steps x sites."""
 
 
 class CentralisedBaseline:
@@ -31,7 +35,7 @@ class CentralisedBaseline:
     def __init__(self, kind: str, model: torch.nn.Module, inner: InnerConfig,
                  data_dirs: list[str | Path], seq_len: int, seed: int, total_steps: int,
                  purpose: str = "pretraining") -> None:
-        if kind not in ("data_parallel", "sequential"):
+        if kind not in BASELINE_KINDS:
             raise ValueError(f"unknown baseline kind {kind!r}")
         self.kind = kind
         self.model = model
@@ -40,7 +44,7 @@ class CentralisedBaseline:
         self.trainer = InnerTrainer(model, inner, steps)
         self.readers = []
         for i, d in enumerate(data_dirs):
-            s = int(hashlib.sha256(f"baseline:{seed}:{i}".encode()).hexdigest()[:8], 16)
+            s = seed_of("baseline", seed, i)
             self.readers.append(PackedReader(TokenDataset(d, "train", seq_len), inner.batch_size,
                                              seed=s, allow=consent_filter(d, purpose)))
         per_batch = inner.batch_size * seq_len * inner.grad_accum

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from atoll.atomic import write_atomic
+from atoll.util.atomic import write_atomic
 
 FILE = "status.json"
 

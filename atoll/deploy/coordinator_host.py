@@ -12,29 +12,18 @@ finds its sites again: they keep retrying and reconnect on their own.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from atoll.config import save as save_config
 from atoll.deploy import flower_cli as fc
 from atoll.deploy.keys import site_public_keys
-from atoll.metrics import read_metrics
-from atoll.run_config import load_run_config
-
-INSECURE_WARNING = ("WARNING: --insecure: no TLS and no site authentication. Anyone who can "
-                    "reach this port can join, read the model and send updates. Use it only "
-                    "on loopback for development.")
 
 
 @dataclass
 class CoordinatorOptions:
     out: Path
-    config: Path | None = None
-    """The run config; None with ``resume`` (the run folder's own config.toml is used)."""
-    overrides: tuple[str, ...] = ()
     host: str = "0.0.0.0"
     port: int = 8000
     keys: Path | None = None
@@ -44,19 +33,19 @@ class CoordinatorOptions:
     """How sites reach this machine (printed for them); default: this host's name."""
 
 
-class Coordinator:
+class CoordinatorHost:
     """The SuperLink process, the Flower run, and a console that follows them."""
 
-    def __init__(self, opts: CoordinatorOptions, log: Callable[[str], None] = print) -> None:
+    def __init__(self, opts: CoordinatorOptions, log: Callable[[str], None] = print,
+                 on_poll: Callable[[], None] = lambda: None) -> None:
         self.opts = opts
         self.log = log
+        self.on_poll = on_poll  # shows what the run folder gained (atoll.app.follow)
         self.flower = opts.out / "flower"
         self.env = fc.flower_env(self.flower / "home")
         self.superlink = None
         self.run_id: int | None = None
         self.finished = False
-        self._seen_rounds = 0
-        self._seen_sites: list[str] | None = None
         if not opts.insecure and opts.keys is None:
             raise ValueError("give --keys DIR (made by `atoll keys`), or --insecure for "
                              "loopback development")
@@ -64,24 +53,6 @@ class Coordinator:
             for name in ("ca.crt", "server.pem", "server.key"):
                 if not (opts.keys / name).exists():
                     raise FileNotFoundError(f"{opts.keys / name} is missing (run atoll keys)")
-
-    def prepare_run_folder(self) -> Path:
-        """The resolved config the ServerApp will read, checked before anything starts."""
-        o = self.opts
-        path = o.out / "config.toml"
-        if o.resume:
-            if not (o.out / "run.json").exists():
-                raise FileNotFoundError(f"{o.out} holds no run to resume (no run.json)")
-            load_run_config(path, list(o.overrides), simulation=False)
-            if o.overrides:
-                save_config(load_run_config(path, list(o.overrides), simulation=False), path)
-            return path
-        if (o.out / "run.json").exists():
-            raise FileExistsError(f"{o.out} already holds a run: use --resume, or another --out")
-        cfg = load_run_config(o.config, list(o.overrides), simulation=False)
-        cfg.baseline.kinds = []
-        save_config(cfg, path)
-        return path
 
     def start_superlink(self) -> None:
         o = self.opts
@@ -133,40 +104,19 @@ class Coordinator:
         """Print progress until the run ends; returns its final status."""
         last_check = 0.0
         while True:
-            self._print_progress()
+            self.on_poll()
             if time.monotonic() - last_check > 5:
                 last_check = time.monotonic()
                 status, details = self.run_status()
                 if status.startswith("finished"):
                     self.finished = True
-                    self._print_progress()
+                    self.on_poll()
                     if details and details != "N/A":
                         self.log(f"run {status}: {details}")
                     return status
             if self.superlink.poll() is not None:
                 return f"superlink exited with status {self.superlink.returncode}"
             time.sleep(poll_s)
-
-    def _print_progress(self) -> None:
-        status_file = self.opts.out / "status.json"
-        if status_file.exists():
-            try:
-                connected = json.loads(status_file.read_text())["connected"]
-            except (ValueError, KeyError):
-                connected = None
-            if connected is not None and connected != self._seen_sites:
-                self._seen_sites = connected
-                self.log(f"connected sites: {', '.join(connected) or 'none yet'}")
-        rounds = [r for r in read_metrics(self.opts.out / "metrics.jsonl")
-                  if r["kind"] == "round" and r["round"] > 0]
-        for r in rounds[self._seen_rounds:]:
-            val = r.get("val_loss") or {}
-            v = f"  val {sum(val.values()) / len(val):.4f}" if val else ""
-            rej = f"  rejected {sorted(r['rejected'])}" if r.get("rejected") else ""
-            loss = r.get("train_loss")
-            self.log(f"round {r['round']}: sites {', '.join(r['sites']) or 'none'}  train "
-                     f"{'-' if loss is None else f'{loss:.4f}'}{v}{rej}  {r['seconds']:.1f}s")
-        self._seen_rounds = max(self._seen_rounds, len(rounds))
 
     def stop(self) -> None:
         if self.run_id is not None and not self.finished and self.superlink is not None \
@@ -178,12 +128,14 @@ class Coordinator:
         fc.stop(self.superlink)
 
 
-def serve(opts: CoordinatorOptions, log: Callable[[str], None] = print) -> int:
-    """Run the coordinator until the federated run ends; the process exit status."""
-    coord = Coordinator(opts, log)
-    config_path = coord.prepare_run_folder()
+def serve_coordinator(opts: CoordinatorOptions, config_path: Path,
+                      log: Callable[[str], None] = print,
+                      on_poll: Callable[[], None] = lambda: None) -> int:
+    """Run the coordinator on the resolved ``config_path`` until the federated run ends;
+    the process exit status. ``on_poll`` is called every couple of seconds meanwhile."""
+    coord = CoordinatorHost(opts, log, on_poll)
     if opts.insecure:
-        log(INSECURE_WARNING)
+        log(fc.INSECURE_WARNING)
     try:
         coord.start_superlink()
         public = opts.public_address or f"{_hostname()}:{opts.port}"

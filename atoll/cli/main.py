@@ -14,8 +14,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from atoll.cli_contrib import add_parsers as add_contributor_commands
+from atoll.cli.contrib import add_parsers as add_contributor_commands
 from atoll.config import ConfigError
+from atoll.federation.fault_kinds import FAULTS
 
 EXIT_BAD_INPUT = 2
 
@@ -48,9 +49,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from atoll.progress import Progress
-    from atoll.run_config import load_run_config
-    from atoll.simulate import simulate
+    from atoll.app.progress import Progress
+    from atoll.app.run_config import load_run_config
+    from atoll.app.simulate import simulate
 
     if args.resume:
         out = Path(args.resume)
@@ -68,11 +69,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from atoll.app.progress import Progress
+    from atoll.app.run_config import load_run_config
+    from atoll.app.simulate import simulate
     from atoll.data.demo import build_demo_data
     from atoll.model import generate_sample
-    from atoll.progress import Progress
-    from atoll.run_config import load_run_config
-    from atoll.simulate import simulate
 
     out = Path(args.out)
     if out.exists() and (out / "run.json").exists():
@@ -95,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_summary(run: object) -> None:
-    from atoll.run import FEDERATION
+    from atoll.app.metrics import FEDERATION
 
     final = run.final_losses()
     fed = final.get(FEDERATION, {})
@@ -114,7 +115,7 @@ def _print_summary(run: object) -> None:
             m = sum(final[k].values()) / len(final[k])
             row += f"{m:>18.4f} ({(mean / m - 1) * 100:+.1f}%)"
         print(row)
-    from atoll.ledger.books import LEDGER
+    from atoll.app.books import LEDGER
     from atoll.ledger.chain import read_entries
     from atoll.ledger.credit import shares
 
@@ -127,7 +128,7 @@ def _print_summary(run: object) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from atoll.report import write_report
+    from atoll.app.html_report import write_report
 
     path = write_report(args.run_dir)
     print(f"wrote {path}")
@@ -147,23 +148,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from atoll.deploy.coordinator import CoordinatorOptions, serve
+    from atoll.app.follow import RunFollower
+    from atoll.app.run_config import prepare_deployed_run
+    from atoll.deploy.coordinator_host import CoordinatorOptions, serve_coordinator
 
     if bool(args.config) == bool(args.resume):
         return _fail("coordinator: give a CONFIG.toml with --out DIR, or --resume DIR")
     out = Path(args.resume or args.out or "")
     if not args.resume and not args.out:
         return _fail("coordinator: --out DIR is required")
-    opts = CoordinatorOptions(out=out, config=Path(args.config) if args.config else None,
-                              overrides=tuple(args.overrides), host=args.host, port=args.port,
+    config = prepare_deployed_run(out, args.config or None, list(args.overrides),
+                                  bool(args.resume))
+    opts = CoordinatorOptions(out=out, host=args.host, port=args.port,
                               keys=Path(args.keys) if args.keys else None,
                               insecure=args.insecure, resume=bool(args.resume),
                               public_address=args.public_address or "")
-    return serve(opts)
+    return serve_coordinator(opts, config, on_poll=RunFollower(out).poll)
 
 
 def cmd_site(args: argparse.Namespace) -> int:
-    from atoll.deploy.site import SiteOptions, serve
+    from atoll.deploy.site_host import SiteOptions, serve_site
 
     opts = SiteOptions(coordinator=args.coordinator, data=Path(args.data), name=args.name or "",
                        keys=Path(args.keys) if args.keys else None,
@@ -171,18 +175,18 @@ def cmd_site(args: argparse.Namespace) -> int:
                        ca=Path(args.ca) if args.ca else None, insecure=args.insecure,
                        state=Path(args.state) if args.state else None, threads=args.threads,
                        fault=args.fault or "", max_wait_s=args.max_wait)
-    return serve(opts)
+    return serve_site(opts)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from atoll.status import format_status, read_status
+    from atoll.app.status import format_status, read_status
 
     print(format_status(read_status(args.run_dir)))
     return 0
 
 
 def cmd_slowlink(args: argparse.Namespace) -> int:
-    from atoll.slowlink import LinkConfig, SlowLink
+    from atoll.deploy.slowlink import LinkConfig, SlowLink
 
     def address(text: str) -> tuple[str, int]:
         host, _, port = text.rpartition(":")
@@ -267,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no TLS, no authentication (loopback development only)")
     t.add_argument("--max-wait", type=float, default=0.0,
                    help="give up after this many seconds without a connection (0 = never)")
-    t.add_argument("--fault", choices=["sign_flip", "scale100", "noise", "zero", "replay", "nan",
-                                       "shape", "stale", "garbage"],
+    t.add_argument("--fault", choices=[f for f in FAULTS if f],
                    help="drills: make this site misbehave (see the README)")
     t.set_defaults(func=cmd_site)
 
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [args.config, *args.overrides]
         args.config = None
     from atoll.data.sources import DataError
-    from atoll.storage import StateError
+    from atoll.util.storage import StateError
 
     try:
         return args.func(args)

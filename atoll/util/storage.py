@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from atoll.atomic import replace_directory
+from atoll.util.atomic import replace_directory
 
 TENSOR_KEY = "__tensor__"
 

@@ -12,10 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from atoll.atomic import write_atomic  # noqa: E402
-from atoll.metrics import read_metrics  # noqa: E402
-
-FEDERATION = "federation"
+from atoll.app.metrics import FEDERATION, read_metrics  # noqa: E402
+from atoll.util.atomic import write_atomic  # noqa: E402
 
 
 def _rounds(records: list[dict], run: str) -> list[dict]:
@@ -104,7 +102,7 @@ def final_table(records: list[dict]) -> tuple[list[str], dict[str, dict[str, flo
 
 def _contributors_html(run_dir: Path) -> str:
     """The contributors' shares from the run's ledger, once it verifies."""
-    from atoll.ledger.books import LEDGER
+    from atoll.app.books import LEDGER
     from atoll.ledger.chain import verify_ledger
     from atoll.ledger.credit import shares
 

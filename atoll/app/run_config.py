@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atoll.config import ConfigError, load
+from atoll.config import save as save_config
 from atoll.federation.checks import ChecksConfig
 from atoll.federation.codecs import CodecConfig
 from atoll.federation.coordinator import FederationConfig
@@ -19,10 +20,9 @@ from atoll.federation.privacy import PrivacyConfig
 from atoll.federation.robust import AggregationConfig
 from atoll.ledger.credit import CreditConfig
 from atoll.model import ModelConfig
+from atoll.train.baselines import BASELINE_KINDS
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig
-
-BASELINE_KINDS = ("data_parallel", "sequential")
 
 
 @dataclass
@@ -211,3 +211,24 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
             raise ConfigError(f"{path}: data directory {item.data} of '{item.name}' does not "
                               f"exist (make it with atoll prepare)")
     return cfg
+
+
+def prepare_deployed_run(out: Path, config: str | os.PathLike | None, overrides: list[str],
+                         resume: bool) -> Path:
+    """The resolved ``out/config.toml`` a deployed coordinator's ServerApp reads, checked
+    before any process starts (the sites' data is elsewhere: no baselines)."""
+    path = out / "config.toml"
+    if resume:
+        if not (out / "run.json").exists():
+            raise FileNotFoundError(f"{out} holds no run to resume (no run.json)")
+        cfg = load_run_config(path, overrides, simulation=False)
+        if overrides:
+            save_config(cfg, path)
+        return path
+    if (out / "run.json").exists():
+        raise FileExistsError(f"{out} already holds a run: use --resume, or another --out")
+    cfg = load_run_config(config, overrides, simulation=False)
+    cfg.baseline.kinds = []
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, path)
+    return path

@@ -11,7 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from atoll.atomic import write_atomic
+from atoll.util.atomic import write_atomic
+
+FEDERATION = "federation"
+"""The ``run`` of the federation's records (a baseline's is ``baseline:<kind>``)."""
 
 
 class MetricsLog:

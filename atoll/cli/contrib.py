@@ -94,7 +94,7 @@ def cmd_shares(args: argparse.Namespace) -> int:
 
 
 def _ledger_path(run_dir: str) -> Path:
-    from atoll.ledger.books import LEDGER
+    from atoll.app.books import LEDGER
 
     path = Path(run_dir) / LEDGER
     if not path.exists():

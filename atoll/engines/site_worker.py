@@ -21,7 +21,7 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
 
-from atoll.errors import WireError
+from atoll.util.errors import WireError
 
 SOCKET = "worker.sock"
 KEY = "worker.key"

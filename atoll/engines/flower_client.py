@@ -1,8 +1,8 @@
-"""atoll as a Flower App: the ServerApp runs the coordinator, the ClientApp serves a site.
+"""A site as a Flower ClientApp (the coordinator's ServerApp is :mod:`atoll.app.flower_server`).
 
 The SuperNode's ``--node-config`` says who the site is: ``name``, ``data`` (a prepared
 directory), ``state`` (a directory of its own), and ``worker = true`` when ``atoll site``
-runs a site worker beside it (:mod:`atoll.deploy.worker`). Flower starts a fresh ClientApp
+runs a site worker beside it (:mod:`atoll.engines.site_worker`). Flower starts a fresh ClientApp
 process for every message, so with a worker the ClientApp is a thin shim that passes bytes
 to the long-lived trainer and back, without importing torch; without one it trains in its
 own process, rebuilding from the state directory every round.
@@ -13,43 +13,14 @@ Keep this module's top level light: every ClientApp process imports it.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
-from atoll.deploy.worker import call_worker, handle_plan
+from atoll.engines.site_worker import call_worker, handle_plan
 from atoll.engines.transport import pack, unpack
 
-server_app = ServerApp()
 client_app = ClientApp()
-
-
-@server_app.main()
-def coordinator_main(grid: Grid, context: Context) -> None:
-    """The coordinator: the same Run as a simulation, with Flower moving the messages."""
-    from atoll.engines.flower import FlowerEngine
-    from atoll.progress import Progress
-    from atoll.report import write_report
-    from atoll.run import Run
-    from atoll.run_config import load_run_config
-
-    rc = context.run_config
-    out = Path(str(rc["out"]))
-    cfg = load_run_config(str(rc["config"]), simulation=False)
-    cfg.baseline.kinds = []  # the sites' data is not here: baselines are simulation-only
-    progress = Progress(stream=sys.stdout, interval_s=0.0)
-    run = Run(cfg, out, resume=bool(rc["resume"]), progress=progress)
-    engine = FlowerEngine(grid, store=cfg.comm.store, min_sites=cfg.federation.min_sites,
-                          allowed={s.name for s in cfg.sites} or None, log=progress.log,
-                          on_sites=lambda nodes: run.status.sites(list(nodes)))
-    run.execute(engine)
-    run.finish()
-    write_report(out)
-    run.close()
-    progress.log(f"run finished: {out / 'model'}")
 
 
 @client_app.query("hello")

@@ -15,10 +15,7 @@ from pathlib import Path
 
 from atoll.data.reader import load_manifest
 from atoll.deploy import flower_cli as fc
-from atoll.deploy.worker import SiteWorker
-
-INSECURE_WARNING = ("WARNING: --insecure: no TLS and no authentication; use only on loopback "
-                    "for development.")
+from atoll.engines.site_worker import SiteWorker
 
 
 @dataclass
@@ -86,7 +83,7 @@ def _why(log: Path, start: int = 0) -> str:
     return " | ".join(tail) or "no output"
 
 
-def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
+def serve_site(o: SiteOptions, log: Callable[[str], None] = print) -> int:
     """Run the SuperNode until Ctrl-C, restarting it when the coordinator is away (it gives
     up by itself when refused, e.g. while the coordinator restarts); exit status."""
     o.resolve()
@@ -94,7 +91,7 @@ def serve(o: SiteOptions, log: Callable[[str], None] = print) -> int:
     rows = manifest["splits"]["train"]["rows"]
     o.state.mkdir(parents=True, exist_ok=True)
     if o.insecure:
-        log(INSECURE_WARNING)
+        log(fc.INSECURE_WARNING)
     env = fc.flower_env(o.state / "flower")
     log(f"site {o.name}: serving {o.data} ({rows} training rows of {manifest['seq_len']} "
         f"tokens); state in {o.state}")

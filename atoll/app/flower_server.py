@@ -1,0 +1,41 @@
+"""The coordinator as a Flower ServerApp: the same :class:`~atoll.app.run.Run` as a simulation,
+with :class:`~atoll.engines.flower.FlowerEngine` moving the messages.
+
+``flwr run`` starts this inside the SuperLink's ServerApp process; its run config names the
+resolved ``config.toml``, the run folder and whether to resume.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def coordinator_main(grid: Grid, context: Context) -> None:
+    """Run the federation in the folder the run config names, then export and report."""
+    from atoll.app.html_report import write_report
+    from atoll.app.progress import Progress
+    from atoll.app.run import Run
+    from atoll.app.run_config import load_run_config
+    from atoll.engines.flower import FlowerEngine
+
+    rc = context.run_config
+    out = Path(str(rc["out"]))
+    cfg = load_run_config(str(rc["config"]), simulation=False)
+    cfg.baseline.kinds = []  # the sites' data is not here: baselines are simulation-only
+    progress = Progress(stream=sys.stdout, interval_s=0.0)
+    run = Run(cfg, out, resume=bool(rc["resume"]), progress=progress)
+    engine = FlowerEngine(grid, store=cfg.comm.store, min_sites=cfg.federation.min_sites,
+                          allowed={s.name for s in cfg.sites} or None, log=progress.log,
+                          on_sites=lambda nodes: run.status.sites(list(nodes)))
+    run.execute(engine)
+    run.finish()
+    write_report(out)
+    run.close()
+    progress.log(f"run finished: {out / 'model'}")

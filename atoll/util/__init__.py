@@ -1,0 +1,1 @@
+"""Small pieces every layer uses: atomic writes, safetensors state files, errors, hashing."""
