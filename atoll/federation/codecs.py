@@ -1,21 +1,13 @@
 """Codecs for what crosses the network: pseudo-gradients up, global weights down.
 
 * ``fp32`` and ``bf16``: the tensor itself, in that dtype.
-* ``int8``, ``int4`` and ``int2``: blockwise absmax quantisation. Each tensor is flattened
-  and cut into blocks of ``block`` values; a block is stored as one float32 scale and
-  ``block`` small integers: int8 and int4 round to the signed grid -127..127 or -7..7 (int4:
-  two per byte); int2 has no zero, four levels -1.5, -0.5, 0.5, 1.5 times absmax / 1.5 (four
-  per byte), which suits what top-k keeps (large entries only) and error feedback.
-* ``sign``: one bit per value (eight per byte), its sign, times the block's mean magnitude
-  (the scale that makes a block's sign quantisation error smallest). Far from exact on its
-  own; with error feedback it is signSGD with memory (Karimireddy et al. 2019). With blocks
-  of 256 (1.125 bits a value) it is 1000x cheaper than data-parallel training at rounds of
-  about 36 steps, half the length int2 needs, but at 60 rounds it still costs loss
-  (BENCHMARKS.md). An all-zero block decodes to zeros.
+* ``int8``, ``int4``, ``int2`` and ``sign``: each tensor is flattened and cut into blocks of
+  ``block`` values; a block travels as one float32 scale and ``block`` small codes
+  (:mod:`atoll.federation.quantise`): 8, 4, 2 or 1 bits a value. How they compare in loss
+  per byte: BENCHMARKS.md.
 * ``topk`` (optional, any kind): in every chunk of 256 consecutive entries keep only that
   fraction, the largest in magnitude: one byte of index per kept entry (its place in the
-  chunk) plus the kept values encoded with ``kind``. Chunks bound the index to a byte and
-  spread what is kept over the whole tensor (SparseLoCo, Sarfi et al. 2025, chunks likewise).
+  chunk) plus the kept values encoded with ``kind`` (:mod:`atoll.federation.sparse`).
   With ``select = "random"`` the kept places are instead drawn from a seed that both ends
   know (the run and the round): no index travels, and every site of a round keeps the same
   places, so their mean is exactly as sparse as each update and goes down as cheaply.
@@ -35,19 +27,22 @@ from dataclasses import dataclass
 
 import torch
 
+from atoll.federation.quantise import PER_BYTE, dequantise, quantise
+from atoll.federation.sparse import (
+    CHUNK,
+    as_chunks,
+    chunking,
+    random_places,
+    scatter,
+    top_places,
+)
 from atoll.util.errors import WireError
 from atoll.util.hashing import seed_of
 
+__all__ = ["CHUNK", "KINDS", "CodecConfig", "ErrorFeedback", "decode", "encode", "parse_spec",
+           "round_seed"]
+
 KINDS = ("fp32", "bf16", "int8", "int4", "int2", "sign")
-_QMAX = {"int8": 127, "int4": 7}
-_WIDTH = {"int4": 4, "int2": 2, "sign": 1}
-"""Bits per value of the codecs that pack several values into a byte."""
-_LEVELS = {"int4": (1.0, 8.0), "int2": (1.0, 1.5), "sign": (2.0, 1.0)}
-"""Packed code c stands for ``a * c - b`` times the block's scale: int4 q + 8, int2's four
-levels -1.5..1.5, sign's -1 and +1."""
-_PER_BYTE = {"int8": 1, **{k: 8 // w for k, w in _WIDTH.items()}}
-CHUNK = 256
-"""Entries per top-k chunk: an index within a chunk fits in one byte."""
 
 
 @dataclass
@@ -74,9 +69,10 @@ class CodecConfig:
     weights; what the codec drops stays with the coordinator and goes out next round."""
 
     def check(self) -> None:
+        """Refuse a codec that cannot encode (the config loader names the key)."""
         if self.kind not in KINDS:
             raise ValueError(f"codec kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        per_byte = _PER_BYTE.get(self.kind, 2)
+        per_byte = PER_BYTE.get(self.kind, 2)
         if self.block < 2 or self.block % max(2, per_byte):
             raise ValueError(f"codec block must be a multiple of {max(2, per_byte)} for "
                              f"{self.kind}, got {self.block}")
@@ -92,12 +88,13 @@ class CodecConfig:
     def spec(self) -> str:
         """A short name, e.g. ``int4/64+top0.1`` or ``int2/64+rand0.05``; :func:`parse_spec`
         reads it back."""
-        s = self.kind + (f"/{self.block}" if self.kind in _PER_BYTE else "")
+        s = self.kind + (f"/{self.block}" if self.kind in PER_BYTE else "")
         tag = "top" if self.select == "top" else "rand"
         return s + (f"+{tag}{self.topk:g}" if self.topk else "")
 
     @property
     def lossless(self) -> bool:
+        """Whether decoding gives back exactly what was encoded (fp32, every entry)."""
         return self.kind == "fp32" and not self.topk
 
 
@@ -133,14 +130,12 @@ def encode(named: dict[str, torch.Tensor], cfg: CodecConfig, seed: int = 0
     for name, t in named.items():
         flat = t.detach().float().reshape(-1)
         if cfg.topk:
-            chunk, k = _chunking(cfg.topk, flat.numel())
-            chunks = torch.zeros(-(-flat.numel() // chunk) * chunk)
-            chunks[: flat.numel()] = flat
-            chunks = chunks.reshape(-1, chunk)
+            chunk, k = chunking(cfg.topk, flat.numel())
+            chunks = as_chunks(flat, chunk)
             if cfg.select == "random":
-                idx = _random_places(name, chunks.shape[0], chunk, k, seed)
+                idx = random_places(name, chunks.shape[0], chunk, k, seed)
             else:
-                idx = chunks.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+                idx = top_places(chunks, k)
                 parts[f"{name}::idx"] = idx.to(torch.uint8)
             flat = chunks.gather(1, idx).reshape(-1)
         parts.update(_encode_values(name, flat, t.shape if not cfg.topk else None, cfg))
@@ -159,23 +154,7 @@ def _encode_values(name: str, flat: torch.Tensor, shape: torch.Size | None, cfg:
     n_blocks = math.ceil(flat.numel() / cfg.block)
     blocks = torch.zeros(n_blocks * cfg.block)
     blocks[: flat.numel()] = flat
-    blocks = blocks.reshape(n_blocks, cfg.block)
-    if cfg.kind == "int2":  # codes 0..3 for -1.5, -0.5, 0.5, 1.5 scales; four per byte
-        # int2 has no zero level: an all-zero block gets scale 0 so that it decodes to zeros
-        scale = blocks.abs().amax(dim=1) / 1.5
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        u = torch.floor(blocks / safe[:, None] + 2).clamp(0, 3).to(torch.uint8)
-        return {f"{name}::q": _pack_bits(u, 2), f"{name}::scale": scale}
-    if cfg.kind == "sign":  # bit 1 for >= 0, eight per byte
-        scale = blocks.abs().mean(dim=1)
-        return {f"{name}::q": _pack_bits((blocks >= 0).to(torch.uint8), 1),
-                f"{name}::scale": scale}
-    qmax = _QMAX[cfg.kind]
-    scale = blocks.abs().amax(dim=1) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(blocks / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
-    if cfg.kind == "int4":  # two values per byte, each stored as q + 8 in 1..15
-        q = _pack_bits((q + 8).to(torch.uint8), 4)
+    q, scale = quantise(blocks.reshape(n_blocks, cfg.block), cfg.kind)
     return {f"{name}::q": q, f"{name}::scale": scale}
 
 
@@ -192,22 +171,20 @@ def decode(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size], cfg:
     for name, shape in shapes.items():
         layout = _parts_of(math.prod(shape), cfg)
         for part, (dtype, part_shape) in layout.items():
-            _part(encoded, name, part, dtype, part_shape if part != "val" or cfg.topk
-                  else tuple(shape))
+            _expect(encoded, f"{name}::{part}", f"tensor {name!r}: part '{part}'", dtype,
+                    part_shape if part != "val" or cfg.topk else tuple(shape))
         if cfg.topk:
             numel = math.prod(shape)
-            chunk, k = _chunking(cfg.topk, numel)
+            chunk, k = chunking(cfg.topk, numel)
             if cfg.select == "random":
-                idx = _random_places(name, -(-numel // chunk), chunk, k, seed)
+                idx = random_places(name, -(-numel // chunk), chunk, k, seed)
             else:
                 idx = encoded[f"{name}::idx"].long()
             if idx.numel() and idx.max() >= chunk:
                 raise WireError(f"tensor {name!r}: top-k index {idx.max().item()} out of range "
                                 f"for chunks of {chunk}")
             values = _decode_values(encoded, name, idx.numel(), None, cfg)
-            dense = torch.zeros(idx.shape[0], chunk)
-            dense.scatter_(1, idx, values.reshape(idx.shape))
-            out[name] = dense.reshape(-1)[:numel].reshape(shape)
+            out[name] = scatter(idx, values, chunk, numel).reshape(shape)
         else:
             out[name] = _decode_values(encoded, name, math.prod(shape), shape, cfg)
     expected = {f"{n}::{p}" for n, shape in shapes.items()
@@ -227,7 +204,7 @@ def _parts_of(numel: int, cfg: CodecConfig) -> dict[str, tuple[torch.dtype, tupl
     parts: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     values = numel
     if cfg.topk:
-        chunk, k = _chunking(cfg.topk, numel)
+        chunk, k = chunking(cfg.topk, numel)
         values = -(-numel // chunk) * k
         if cfg.select == "top":
             parts["idx"] = (torch.uint8, (-(-numel // chunk), k))
@@ -236,7 +213,7 @@ def _parts_of(numel: int, cfg: CodecConfig) -> dict[str, tuple[torch.dtype, tupl
     else:
         n_blocks = math.ceil(values / cfg.block)
         parts["q"] = (torch.int8 if cfg.kind == "int8" else torch.uint8,
-                      (n_blocks, cfg.block // _PER_BYTE[cfg.kind]))
+                      (n_blocks, cfg.block // PER_BYTE[cfg.kind]))
         parts["scale"] = (torch.float32, (n_blocks,))
     return parts
 
@@ -252,16 +229,8 @@ def _unpack(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size],
     layout = {n: _parts_of(math.prod(shapes[n]), cfg) for n in sorted(shapes)}
     out: dict[str, torch.Tensor] = {}
     for part, dtype in _layout(cfg).items():
-        key = f"::{part}"
-        if key not in encoded:
-            raise WireError(f"packed part '{part}' is missing")
-        t = encoded[key]
-        if t.dtype != dtype:
-            raise WireError(f"packed part '{part}' is {t.dtype}, expected {dtype}")
         sizes = [math.prod(layout[n][part][1]) for n in layout]
-        if t.ndim != 1 or t.numel() != sum(sizes):
-            raise WireError(f"packed part '{part}' has shape {tuple(t.shape)}, expected "
-                            f"({sum(sizes)},) (truncated or from another model?)")
+        t = _expect(encoded, f"::{part}", f"packed part '{part}'", dtype, (sum(sizes),))
         for n, piece in zip(layout, t.split(sizes), strict=True):
             out[f"{n}::{part}"] = piece.reshape(layout[n][part][1])
     extra = sorted(set(encoded) - {f"::{p}" for p in _layout(cfg)})
@@ -270,33 +239,18 @@ def _unpack(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size],
     return out
 
 
-def _random_places(name: str, n_chunks: int, chunk: int, k: int, seed: int) -> torch.Tensor:
-    """``k`` distinct places in each of ``n_chunks`` chunks, drawn from ``seed`` and the
-    tensor's name: evenly spaced from a random start, so over rounds every place comes up."""
-    g = torch.Generator().manual_seed(seed_of(seed, name, hex_digits=15))
-    start = torch.randint(0, chunk, (n_chunks, 1), generator=g)
-    spaced = (torch.arange(k) * chunk) // k
-    return ((start + spaced) % chunk).sort(dim=1).values
-
-
-def _chunking(fraction: float, numel: int) -> tuple[int, int]:
-    """Top-k's chunk length for a tensor of ``numel`` entries (a smaller tensor is one
-    chunk) and how many entries it keeps per chunk: at least one."""
-    chunk = max(1, min(CHUNK, numel))
-    return chunk, min(chunk, max(1, math.ceil(fraction * chunk)))
-
-
-def _part(encoded: dict[str, torch.Tensor], name: str, part: str, dtype: torch.dtype,
-          shape: tuple[int, ...]) -> torch.Tensor:
-    key = f"{name}::{part}"
+def _expect(encoded: dict[str, torch.Tensor], key: str, what: str, dtype: torch.dtype,
+            shape: tuple[int, ...]) -> torch.Tensor:
+    """``encoded[key]``, once it is there with this dtype and shape; ``what`` names it in
+    the error otherwise."""
     if key not in encoded:
-        raise WireError(f"tensor {name!r}: part '{part}' is missing")
+        raise WireError(f"{what} is missing")
     t = encoded[key]
     if t.dtype != dtype:
-        raise WireError(f"tensor {name!r}: part '{part}' is {t.dtype}, expected {dtype}")
+        raise WireError(f"{what} is {t.dtype}, expected {dtype}")
     if tuple(t.shape) != tuple(shape):
-        raise WireError(f"tensor {name!r}: part '{part}' has shape {tuple(t.shape)}, "
-                        f"expected {tuple(shape)} (truncated or from another model?)")
+        raise WireError(f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)} "
+                        f"(truncated or from another model?)")
     return t
 
 
@@ -305,29 +259,9 @@ def _decode_values(encoded: dict[str, torch.Tensor], name: str, numel: int,
     if cfg.kind in ("fp32", "bf16"):
         return encoded[f"{name}::val"].float().reshape(-1 if shape is None else shape)
     n_blocks = math.ceil(numel / cfg.block)
-    q, scale = encoded[f"{name}::q"], encoded[f"{name}::scale"]
-    if cfg.kind in _WIDTH:
-        a, b = _LEVELS[cfg.kind]
-        q = _unpack_bits(q, _WIDTH[cfg.kind]).reshape(n_blocks, cfg.block).float() * a - b
-    values = (q.float() * scale[:, None]).reshape(-1)[:numel]
+    values = dequantise(encoded[f"{name}::q"], encoded[f"{name}::scale"], cfg.kind, n_blocks,
+                        cfg.block)[:numel]
     return values if shape is None else values.reshape(shape)
-
-
-def _pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack unsigned ``width``-bit codes (the last dim a multiple of 8 / width) into bytes,
-    8 / width to a byte, the first of them in the highest bits."""
-    per = 8 // width
-    q = torch.zeros(*codes.shape[:-1], codes.shape[-1] // per, dtype=torch.uint8)
-    for j in range(per):
-        q |= codes[..., j::per] << (8 - width * (j + 1))
-    return q
-
-
-def _unpack_bits(q: torch.Tensor, width: int) -> torch.Tensor:
-    """The codes :func:`_pack_bits` packed, in order (the last dim 8 / width times longer)."""
-    mask = (1 << width) - 1
-    parts = [(q >> (8 - width * (j + 1))) & mask for j in range(8 // width)]
-    return torch.stack(parts, dim=-1).reshape(*q.shape[:-1], -1)
 
 
 class ErrorFeedback:
@@ -339,6 +273,8 @@ class ErrorFeedback:
 
     def encode(self, delta: dict[str, torch.Tensor], cfg: CodecConfig, decay: float = 1.0,
                seed: int = 0) -> dict[str, torch.Tensor]:
+        """The wire form of ``delta`` plus the decayed residual; what the codec dropped of
+        it becomes the next residual."""
         send = {k: v + decay * self.residual[k] if k in self.residual else v
                 for k, v in delta.items()}
         encoded = encode(send, cfg, seed)
