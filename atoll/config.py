@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
-import tomllib
 
 from atoll.util.atomic import write_atomic
 
@@ -128,44 +128,61 @@ def _join(where: str, name: str) -> str:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """``value`` as type ``hint`` (a TOML value becomes a config field), or a ConfigError
+    naming ``where``."""
     origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+        return _coerce_union(typing.get_args(hint), value, where)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ConfigError(f"'{where}' must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"'{where}' must have {len(args)} items, got {len(value)}")
-            pairs = enumerate(zip(args, value, strict=True))
-            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
-        item = args[0] if args else Any
-        out = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
+        return _coerce_sequence(origin, typing.get_args(hint), value, where)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"'{where}' must be a table, got {value!r}")
         return dict(value)
     if origin is typing.Literal:
+        args = typing.get_args(hint)
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"'{where}' must be one of {choices}, got {value!r}")
         return value
     if hint is Any:
         return value
+    return _coerce_scalar(hint, value, where)
+
+
+def _coerce_union(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    """The first member of the union that accepts ``value`` (None where the union has it)."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(a, value, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0])
+
+
+def _coerce_sequence(origin: type, args: tuple[Any, ...], value: Any, where: str) -> Any:
+    """A list, a tuple of fixed length or a tuple of any length, item by item."""
+    if not isinstance(value, list):
+        raise ConfigError(f"'{where}' must be a list, got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(f"'{where}' must have {len(args)} items, got {len(value)}")
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
+    item = args[0] if args else Any
+    out = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(out) if origin is tuple else out
+
+
+def _coerce_scalar(hint: Any, value: Any, where: str) -> Any:
+    """A number, integer, bool or string; TOML's bools are not numbers here."""
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{where}' must be a number, got {value!r}")

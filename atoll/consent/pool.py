@@ -79,7 +79,7 @@ class Contribution:
 
 def _date(text: str) -> dt.datetime:
     try:
-        return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc)
+        return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
     except ValueError:
         raise ValueError(f"expiry date {text!r} is not an ISO date such as 2027-01-31") from None
 

@@ -94,7 +94,7 @@ def make_keys(root: str | Path, sites: list[str], hosts: list[str] | None = None
     """Create what is missing under ``root``; returns the paths written."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     written = []
     if not (root / "ca.crt").exists():
         _make_ca(root, now)
