@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 def cmd_contribute(args: argparse.Namespace) -> int:
+    """``atoll contribute``: add a file to a site's pool with its owner's consent."""
     from atoll.consent.pool import Pool
 
     pool = Pool.open_or_create(args.site, seq_len=args.seq_len, tokenizer=args.tokenizer or "")
@@ -31,6 +32,7 @@ def cmd_contribute(args: argparse.Namespace) -> int:
 
 
 def cmd_consent(args: argparse.Namespace) -> int:
+    """``atoll consent``: list a site's contributions and their state, or revoke some."""
     from atoll.consent.pool import Pool
 
     pool = Pool(args.site)
@@ -65,6 +67,7 @@ def cmd_consent(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
+    """``atoll ledger verify``: check a run's ledger chain and signatures; 1 if it fails."""
     from atoll.ledger.chain import verify_ledger
 
     path = _ledger_path(args.run_dir)
@@ -75,6 +78,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_shares(args: argparse.Namespace) -> int:
+    """``atoll shares``: each contributor's share of the model, from a verified ledger."""
     from atoll.ledger.chain import verify_ledger
     from atoll.ledger.credit import shares
 
@@ -107,6 +111,7 @@ def _words(text: str) -> list[str]:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``contribute``, ``consent``, ``ledger`` and ``shares`` to the command line."""
     c = sub.add_parser("contribute", help="add a contributor's file to a site's data pool")
     c.add_argument("--site", required=True, help="the site's pool directory (created)")
     c.add_argument("--contributor", required=True, help="contributor id")

@@ -1,0 +1,46 @@
+"""What a finished run prints: validation loss per domain against the baselines, the
+contributors' shares and where the model and report are."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from atoll.app.books import LEDGER
+from atoll.app.metrics import FEDERATION
+from atoll.ledger.chain import read_entries
+from atoll.ledger.credit import shares
+
+if TYPE_CHECKING:
+    from atoll.app.run import Run
+
+
+def print_summary(run: Run) -> None:
+    """The closing lines of ``atoll simulate`` and ``atoll demo``."""
+    _print_losses(run.final_losses())
+    if (run.out / LEDGER).exists():
+        table = shares(read_entries(run.out / LEDGER))
+        print("\nshare of the model (ledger: " + str(run.out / LEDGER) + ")")
+        print("  " + ", ".join(f"{s.contributor} {s.share:.1%}" for s in table))
+    print(f"\nmodel: {run.out / 'model'} (AutoModelForCausalLM.from_pretrained)")
+    print(f"report: {run.out / 'report.html'}")
+
+
+def _print_losses(final: dict[str, dict[str, float]]) -> None:
+    """One row per domain and a mean row; a column per run, the baselines' means also
+    relative to the federation's."""
+    fed = final.get(FEDERATION, {})
+    others = [k for k in final if k != FEDERATION]
+    print("\nfinal validation loss (nats/token) per domain")
+    print(f"  {'domain':<14}{'federation':>12}" + "".join(f"{k:>26}" for k in others))
+    for d in sorted(fed):
+        row = f"  {d:<14}{fed[d]:>12.4f}"
+        for k in others:
+            row += f"{final[k].get(d, float('nan')):>26.4f}"
+        print(row)
+    if fed:
+        mean = sum(fed.values()) / len(fed)
+        row = f"  {'mean':<14}{mean:>12.4f}"
+        for k in others:
+            m = sum(final[k].values()) / len(final[k])
+            row += f"{m:>18.4f} ({(mean / m - 1) * 100:+.1f}%)"
+        print(row)
