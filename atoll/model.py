@@ -67,6 +67,7 @@ class ModelConfig:
     """With a model directory in ``path``: start from its weights instead of a fresh init."""
 
     def check(self) -> None:
+        """Refuse an unknown preset, or pretrained weights without a model directory."""
         if not self.path and self.preset not in PRESETS:
             raise ValueError(f"unknown model preset '{self.preset}' (one of {', '.join(PRESETS)})")
         if self.pretrained and not self.path:
@@ -102,6 +103,7 @@ class ModelConfig:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
+    """The number of values in the model's parameters (a tied tensor counts once)."""
     return sum(p.numel() for p in model.parameters())
 
 

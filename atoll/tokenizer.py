@@ -67,6 +67,8 @@ def load_tokenizer(path: str = "") -> PreTrainedTokenizerBase:
 
 
 def is_byte_tokenizer(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tok`` is atoll's byte-level tokenizer, whose ids are the UTF-8 bytes
+    (so text can be encoded without calling it)."""
     return len(tok) == BYTE_VOCAB and tok.eos_token == EOT and tok.convert_tokens_to_ids("A") == 65
 
 

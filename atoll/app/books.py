@@ -117,4 +117,5 @@ class Books:
         self.entries.append(self.ledger.append(kind, round_, body))
 
     def close(self) -> None:
+        """Close the ledger file (every entry is already written)."""
         self.ledger.close()

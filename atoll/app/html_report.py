@@ -92,6 +92,7 @@ def plot_site_tokens(records: list[dict], path: Path) -> None:
 
 
 def final_table(records: list[dict]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The domains evaluated and, per run, its last validation loss of each domain."""
     last: dict[str, dict[str, float]] = {}
     for r in records:
         if r["kind"] == "round" and r.get("val_loss"):
@@ -134,7 +135,14 @@ def write_report(run_dir: str | Path) -> Path:
     plot_validation(records, plots / "validation_loss.png")
     plot_bytes(records, plots / "bytes_on_wire.png")
     plot_site_tokens(records, plots / "site_tokens.png")
+    path = run_dir / "report.html"
+    write_atomic(path, _page(run_dir, records).encode())
+    return path
 
+
+def _losses_html(records: list[dict]) -> str:
+    """The final validation loss table: a row per run (federation first), a column per
+    domain and the mean."""
     domains, last = final_table(records)
     runs = sorted(last, key=lambda n: (n != FEDERATION, n))
     head = "".join(f"<th>{html.escape(d)}</th>" for d in domains)
@@ -143,21 +151,33 @@ def write_report(run_dir: str | Path) -> Path:
         cells = "".join(f"<td>{last[run].get(d, float('nan')):.4f}</td>" for d in domains)
         mean = sum(last[run].values()) / len(last[run])
         rows.append(f"<tr><td>{html.escape(run)}</td>{cells}<td><b>{mean:.4f}</b></td></tr>")
+    return f"<table><tr><th>run</th>{head}<th>mean</th></tr>{''.join(rows)}</table>"
+
+
+def _rejected_html(fed: list[dict]) -> str:
+    """One list item per refused update: its round, site and reason."""
+    rejected = [(r["round"], s, why) for r in fed for s, why in (r.get("rejected") or {}).items()]
+    return "".join(f"<li>round {n}: {html.escape(s)}: {html.escape(w)}</li>"
+                   for n, s, w in rejected) or "<li>none</li>"
+
+
+def _privacy_html(fed: list[dict]) -> str:
+    """The privacy budget spent, round by round, or that the run had none."""
+    private = [r for r in fed if r.get("epsilon") is not None]
+    return (f"<p>Site-level differential privacy: epsilon {private[-1]['epsilon']:.3g} at "
+            f"delta {private[-1]['delta']:g} after {len(private)} rounds "
+            f"(per round: " + ", ".join(f"{r['epsilon']:.3g}" for r in private) + ").</p>"
+            ) if private else "<p>No differential privacy in this run.</p>"
+
+
+def _page(run_dir: Path, records: list[dict]) -> str:
+    """The whole report page; the plots it shows are already under ``plots/``."""
     fed = _rounds(records, FEDERATION)
     total_up = sum(r.get("bytes_up", 0) for r in fed)
     total_down = sum(r.get("bytes_down", 0) for r in fed)
-    rejected = [(r["round"], s, why) for r in fed for s, why in (r.get("rejected") or {}).items()]
-    rej_html = "".join(f"<li>round {n}: {html.escape(s)}: {html.escape(w)}</li>"
-                       for n, s, w in rejected) or "<li>none</li>"
-    contributors = _contributors_html(run_dir)
-    private = [r for r in fed if r.get("epsilon") is not None]
-    privacy = (f"<p>Site-level differential privacy: epsilon {private[-1]['epsilon']:.3g} at "
-               f"delta {private[-1]['delta']:g} after {len(private)} rounds "
-               f"(per round: " + ", ".join(f"{r['epsilon']:.3g}" for r in private) + ").</p>"
-               ) if private else "<p>No differential privacy in this run.</p>"
     config = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else ""
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    page = f"""<!doctype html>
+    return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>atoll run {html.escape(info.get('run_id', ''))}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}
@@ -167,18 +187,15 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
 <p>{len(fed) - 1} rounds, {fed[-1]['tokens']:,} tokens trained into the global model,
 {total_up / 1e6:.1f} MB up and {total_down / 1e6:.1f} MB down on the wire.</p>
 <h2>Final validation loss (nats/token)</h2>
-<table><tr><th>run</th>{head}<th>mean</th></tr>{''.join(rows)}</table>
+{_losses_html(records)}
 <p>Baselines are centralised training on the union of the sites' data at equal tokens:
 <i>data_parallel</i> combines the sites' batches for the same number of steps;
 <i>sequential</i> takes one site's batch for steps &times; sites steps.</p>
 <h2>Validation loss per domain</h2><img src="plots/validation_loss.png">
 <h2>Bytes on the wire</h2><img src="plots/bytes_on_wire.png">
 <h2>Tokens per site</h2><img src="plots/site_tokens.png">
-<h2>Rejected updates</h2><ul>{rej_html}</ul>
-<h2>Privacy</h2>{privacy}
-<h2>Who contributed what</h2>{contributors}
+<h2>Rejected updates</h2><ul>{_rejected_html(fed)}</ul>
+<h2>Privacy</h2>{_privacy_html(fed)}
+<h2>Who contributed what</h2>{_contributors_html(run_dir)}
 <h2>Configuration</h2><pre>{html.escape(config)}</pre>
 </body></html>"""
-    path = run_dir / "report.html"
-    write_atomic(path, page.encode())
-    return path

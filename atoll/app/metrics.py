@@ -18,11 +18,15 @@ FEDERATION = "federation"
 
 
 class MetricsLog:
+    """Appends the run's records to ``metrics.jsonl``, one JSON line each, as they happen."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line (keys sorted), flushed at once so a crash loses no
+        earlier record."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 

@@ -20,6 +20,8 @@ class Progress:
         self._shown = False
 
     def update(self, text: str) -> None:
+        """Show ``text`` as the current status: it replaces the last status on a terminal; in
+        a log at most one line every ``interval_s``."""
         if self.quiet:
             return
         now = time.monotonic()
@@ -34,6 +36,7 @@ class Progress:
         self.stream.flush()
 
     def log(self, text: str) -> None:
+        """Print ``text`` as a line that stays, clearing the status line first."""
         if self.quiet:
             return
         if self._shown:

@@ -29,24 +29,29 @@ class StatusBoard:
         self._flush()
 
     def sites(self, connected: list[str]) -> None:
+        """Record which sites are connected now."""
         self.state["connected"] = sorted(connected)
         self._flush()
 
     def round_started(self, round_: int, sites: list[str]) -> None:
+        """Round ``round_`` is training at ``sites``; nobody has reported yet."""
         self.state.update(phase="training", round=round_, waiting_for=sorted(sites),
                           reported={})
         self._flush()
 
     def reported(self, site: str, ok: bool, detail: str) -> None:
+        """Site ``site`` reported (``ok`` or not, with a short ``detail``)."""
         self.state["reported"][site] = {"ok": ok, "detail": detail}
         self.state["waiting_for"] = [s for s in self.state["waiting_for"] if s != site]
         self._flush()
 
     def round_closed(self, summary: dict[str, Any]) -> None:
+        """The round is closed; ``summary`` (losses, sites, rejections) is shown as the last."""
         self.state.update(phase="between rounds", waiting_for=[], last_round=summary)
         self._flush()
 
     def finished(self, phase: str = "finished") -> None:
+        """The run is over (``phase``: how it ended)."""
         self.state["phase"] = phase
         self._flush()
 
@@ -56,6 +61,7 @@ class StatusBoard:
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
+    """The state a run's coordinator last wrote to ``status.json``."""
     path = Path(run_dir) / FILE
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no {FILE} (not a run folder, or not started yet)")

@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS contributions (
 
 @dataclass
 class Contribution:
+    """One contributor's file at a site and the consent that comes with it (a row of
+    ``consent.sqlite``)."""
+
     id: str
     contributor: str
     sha256: str
@@ -98,6 +101,8 @@ class Pool:
     @classmethod
     def open_or_create(cls, root: str | Path, seq_len: int = 128, tokenizer: str = "",
                        val_fraction: float = 0.05) -> Pool:
+        """The pool in ``root``, made empty first (with this row length and tokenizer) if there
+        is none; refuses a prepared data directory that is not a pool."""
         root = Path(root)
         if not is_pool(root):
             if (root / "manifest.json").exists():
@@ -122,6 +127,7 @@ class Pool:
         return cls(root)
 
     def contributions(self) -> list[Contribution]:
+        """Every contribution, live or not, in the order they were added."""
         rows = self._db.execute(
             "SELECT id, contributor, sha256, tokens, documents, purposes, expires, added_at, "
             "revoked_at, erased_at, duplicate_of, similarity, source FROM contributions "
@@ -221,15 +227,19 @@ class Pool:
         return [c.id for c in todo]
 
     def allowed_sources(self, purpose: str, now: float | None = None) -> set[int]:
+        """The manifest sources whose consent covers ``purpose`` at time ``now``: the only
+        rows a site may read for it."""
         now = time.time() if now is None else now
         return {c.source for c in self.contributions()
                 if c.source is not None and c.allows(purpose, now)}
 
     def close(self) -> None:
+        """Close the consent database."""
         self._db.close()
 
 
 def is_pool(root: str | Path) -> bool:
+    """Whether ``root`` is a data pool (has a consent database), not plain prepared data."""
     return (Path(root) / DB).exists()
 
 

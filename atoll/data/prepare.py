@@ -94,6 +94,7 @@ class _ShardWriter:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a MiB at a time: what identifies a source."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -148,27 +149,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     tmp.mkdir(parents=True)
     try:
         writers = {s: _ShardWriter(tmp, s, dtype, opts.seq_len) for s in ("train", "val")}
-        sources = []
-        for i, path in enumerate(files):
-            stream, n_docs = tokenize_source(path, tok, opts)
-            n_rows = len(stream) // opts.seq_len
-            if n_rows == 0:
-                raise DataError(path, f"only {len(stream)} tokens: fewer than one row "
-                                f"of seq_len={opts.seq_len}")
-            rows = stream[: n_rows * opts.seq_len].reshape(n_rows, opts.seq_len)
-            sha = file_sha256(path)
-            is_val = val_mask(n_rows, opts.val_fraction, sha)
-            writers["train"].write(rows[~is_val], i)
-            writers["val"].write(rows[is_val], i)
-            sources.append({
-                "id": i, "path": str(path.resolve()), "sha256": sha, "bytes": path.stat().st_size,
-                "documents": n_docs, "tokens": int(len(stream)),
-                "dropped_tokens": int(len(stream) - n_rows * opts.seq_len),
-                "train_rows": int((~is_val).sum()), "val_rows": int(is_val.sum()),
-                "contributor": opts.contributor,
-            })
-            log(f"  {path.name}: {n_docs} documents, {len(stream):,} tokens "
-                f"({int((~is_val).sum())} train / {int(is_val.sum())} val rows)")
+        sources = [_write_source(i, path, tok, opts, writers, log)
+                   for i, path in enumerate(files)]
         manifest = {
             "format": FORMAT,
             "tokenizer": opts.tokenizer or "bytes",
@@ -186,6 +168,31 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _write_source(i: int, path: Path, tok: PreTrainedTokenizerBase, opts: PrepareOptions,
+                  writers: dict[str, _ShardWriter], log: Callable[[str], None]) -> dict:
+    """Tokenise source ``i``, write its rows to the train and val shards; its manifest
+    entry."""
+    stream, n_docs = tokenize_source(path, tok, opts)
+    n_rows = len(stream) // opts.seq_len
+    if n_rows == 0:
+        raise DataError(path, f"only {len(stream)} tokens: fewer than one row "
+                        f"of seq_len={opts.seq_len}")
+    rows = stream[: n_rows * opts.seq_len].reshape(n_rows, opts.seq_len)
+    sha = file_sha256(path)
+    is_val = val_mask(n_rows, opts.val_fraction, sha)
+    writers["train"].write(rows[~is_val], i)
+    writers["val"].write(rows[is_val], i)
+    log(f"  {path.name}: {n_docs} documents, {len(stream):,} tokens "
+        f"({int((~is_val).sum())} train / {int(is_val.sum())} val rows)")
+    return {
+        "id": i, "path": str(path.resolve()), "sha256": sha, "bytes": path.stat().st_size,
+        "documents": n_docs, "tokens": int(len(stream)),
+        "dropped_tokens": int(len(stream) - n_rows * opts.seq_len),
+        "train_rows": int((~is_val).sum()), "val_rows": int(is_val.sum()),
+        "contributor": opts.contributor,
+    }
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -70,10 +70,13 @@ class TokenDataset:
         return out
 
     def source_of(self, index: np.ndarray) -> np.ndarray:
+        """The manifest source index of each of rows ``index`` (for consent and credit)."""
         return np.asarray(self.row_sources)[index // self.split_factor]
 
 
 def load_manifest(root: Path) -> dict:
+    """The ``manifest.json`` of a prepared data directory, or a DataError saying why
+    ``root`` is not one."""
     path = Path(root) / "manifest.json"
     if not path.exists():
         raise DataError(root, "not a prepared data directory (no manifest.json): run atoll prepare")
@@ -137,10 +140,12 @@ class PackedReader:
         return torch.from_numpy(self.dataset.rows(np.asarray(picked)))
 
     def state_dict(self) -> dict:
+        """Where the reader is (epoch, position, what it yielded per source), to resume from."""
         return {"epoch": self.epoch, "position": self.position, "rows_read": self.rows_read,
                 "seed": self.seed, "yielded": {str(k): v for k, v in self.yielded.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict`, in the same order it would have read."""
         self.seed = state["seed"]
         self.epoch = state["epoch"]
         self.position = state["position"]

@@ -23,6 +23,8 @@ from atoll.deploy.keys import site_public_keys
 
 @dataclass
 class CoordinatorOptions:
+    """Where and how ``atoll coordinator`` serves a run: its folder, address and keys."""
+
     out: Path
     host: str = "0.0.0.0"
     port: int = 8000
@@ -55,6 +57,8 @@ class CoordinatorHost:
                     raise FileNotFoundError(f"{opts.keys / name} is missing (run atoll keys)")
 
     def start_superlink(self) -> None:
+        """Start ``flower-superlink`` and wait until it listens (TLS and SuperNode
+        authentication unless insecure)."""
         o = self.opts
         cmd = [fc.tool("flower-superlink"), "--disable-runtime-dependency-installation",
                "--database", str(self.flower / "superlink.db"),
@@ -82,6 +86,7 @@ class CoordinatorHost:
         return names
 
     def start_run(self, config_path: Path) -> int:
+        """Launch the atoll ServerApp on the SuperLink with ``flwr run``; the Flower run id."""
         app = fc.write_app(self.flower / "app")
         run_config = (f"config='{config_path.resolve()}' out='{self.opts.out.resolve()}' "
                       f"resume={'true' if self.opts.resume else 'false'}")
@@ -119,6 +124,7 @@ class CoordinatorHost:
             time.sleep(poll_s)
 
     def stop(self) -> None:
+        """Stop the Flower run (if it is still going) and the SuperLink."""
         if self.run_id is not None and not self.finished and self.superlink is not None \
                 and self.superlink.poll() is None:
             try:

@@ -49,6 +49,7 @@ def tool(name: str) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now (for a local Flower process)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -141,5 +142,6 @@ def flwr(args: list[str], env: dict[str, str], timeout_s: float = 120
 
 
 def flwr_json(args: list[str], env: dict[str, str]) -> dict:
+    """Run the ``flwr`` CLI with ``--format json``; its JSON answer."""
     res = flwr([*args, "--format", "json"], env)
     return json.loads(res.stdout[res.stdout.index("{"):])

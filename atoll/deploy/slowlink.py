@@ -42,6 +42,7 @@ class LinkConfig:
     seed: int = 0
 
     def check(self) -> None:
+        """Refuse a negative bandwidth, delay or timeout and a loss outside [0, 1)."""
         if self.mbit < 0 or self.latency_ms < 0 or self.rto_ms < 0:
             raise ValueError("bandwidth, latency and rto must be >= 0")
         if not 0 <= self.loss < 1:
@@ -50,6 +51,9 @@ class LinkConfig:
 
 @dataclass
 class LinkStats:
+    """What the link has carried so far: connections, bytes, segments and how many were
+    lost and resent; the tests read it."""
+
     connections: int = 0
     bytes: int = 0
     segments: int = 0
@@ -158,6 +162,8 @@ class SlowLink:
         asyncio.get_running_loop().stop()
 
     def stop(self) -> None:
+        """Close the listener and every connection and wait for the proxy's thread (a
+        link that never started, or is stopped already, is left alone)."""
         if self._loop is None or self._loop.is_closed():
             return
         asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)

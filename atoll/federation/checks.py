@@ -64,6 +64,7 @@ class ChecksConfig:
     """Reject an update identical to one this site sent before (a replay)."""
 
     def check(self) -> None:
+        """Refuse a negative norm ratio or an empty norm window."""
         if self.max_norm_ratio < 0 or self.norm_window < 1:
             raise ValueError("checks.max_norm_ratio must be >= 0 and checks.norm_window >= 1")
 
@@ -104,12 +105,15 @@ class UpdateGuard:
         return None, norm
 
     def accepted(self, site: str, norm: float, fingerprint: str, part: str = "all") -> None:
+        """Remember an accepted update: its norm for this round's yardstick, its fingerprint
+        against replays."""
         self._round.setdefault(part, []).append(norm)
         seen = self.seen.setdefault(site, [])
         seen.append(fingerprint)
         del seen[: -self.REPLAY_MEMORY]
 
     def close_round(self) -> None:
+        """Move this round's norms into the history the next rounds are measured against."""
         for part, norms in self._round.items():
             history = self.norms.setdefault(part, [])
             history.append(norms)
@@ -117,8 +121,10 @@ class UpdateGuard:
         self._round = {}
 
     def state_dict(self) -> dict:
+        """The guard's memory, for the coordinator's checkpoint."""
         return {"norms": self.norms, "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the memory saved by :meth:`state_dict`."""
         self.norms = {k: [list(r) for r in v] for k, v in state.get("norms", {}).items()}
         self.seen = {k: list(v) for k, v in state.get("seen", {}).items()}

@@ -54,11 +54,14 @@ class Downlink:
         return self._whole
 
     def state_dict(self) -> dict:
+        """The sites' copy and its round, for the coordinator's checkpoint (empty before the
+        first round)."""
         if self.held is None:
             return {}
         return {"held": dict(self.held), "held_round": self.held_round}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the copy saved by :meth:`state_dict`."""
         if "held" in state:
             self.held = {n: t.clone() for n, t in state["held"].items()}
             self.held_round = int(state["held_round"])

@@ -43,9 +43,12 @@ class PrivacyConfig:
 
     @property
     def enabled(self) -> bool:
+        """Whether updates are clipped and noised (a positive noise multiplier)."""
         return self.noise_multiplier > 0
 
     def check(self) -> None:
+        """Refuse a negative noise multiplier, a clip bound that is not positive, a delta
+        outside (0, 1)."""
         if self.noise_multiplier < 0 or self.clip <= 0 or not 0 < self.delta < 1:
             raise ValueError("privacy.noise_multiplier >= 0, privacy.clip > 0 and "
                              "privacy.delta in (0, 1)")
@@ -71,6 +74,7 @@ class PrivateMean:
 
     @torch.no_grad()
     def add(self, delta: dict[str, torch.Tensor], weight: float) -> None:
+        """Clip ``delta`` to the L2 bound and add it to the sum; every site weighs the same."""
         del weight  # every site counts once
         clipped = clip_update(delta, self.cfg.clip)
         if self._sum is None:
@@ -79,6 +83,7 @@ class PrivateMean:
             self._sum[k].add_(v)
 
     def result(self) -> dict[str, torch.Tensor] | None:
+        """The noised sum divided by the sites planned, or None when no update came."""
         if self._sum is None:
             return None
         std = self.cfg.noise_multiplier * self.cfg.clip

@@ -39,6 +39,7 @@ class AggregationConfig:
     """centered_clip: refinement passes (Karimireddy et al. 2021 use 1-3)."""
 
     def check(self) -> None:
+        """Refuse an unknown rule, a trim fraction outside [0, 0.5), no clipping pass."""
         if self.rule not in RULES:
             raise ValueError(f"aggregation.rule must be one of {', '.join(RULES)}, "
                              f"got {self.rule!r}")
@@ -59,6 +60,7 @@ class SpilledUpdates:
         self._readers: list = []  # open safetensors files, in the order of ``files``
 
     def add(self, delta: dict[str, torch.Tensor], weight: float) -> None:
+        """Write one update to disk (float32) with its weight."""
         path = self.dir / f"{len(self.files):05d}.safetensors"
         save_file({k: v.detach().float().contiguous() for k, v in delta.items()}, path)
         self.files.append(path)
@@ -78,6 +80,7 @@ class SpilledUpdates:
             yield reader.get_tensor(name)
 
     def close(self) -> None:
+        """Delete the spilled updates."""
         self._readers = []
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -95,9 +98,13 @@ class RobustAggregate:
         self.spill = SpilledUpdates()
 
     def add(self, delta: dict[str, torch.Tensor], weight: float) -> None:
+        """Keep one accepted update (on disk) until the round closes; ``weight`` counts in
+        centered clipping only (the median and trimmed mean count every update alike)."""
         self.spill.add(delta, weight)
 
     def result(self) -> dict[str, torch.Tensor] | None:
+        """The aggregate by the configured rule, tensor by tensor, or None when no update
+        came; the spilled updates are deleted either way."""
         try:
             if not self.spill.files:
                 return None

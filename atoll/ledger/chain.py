@@ -52,11 +52,15 @@ def canonical(body: dict[str, Any]) -> str:
 
 
 def entry_hash(seq: int, kind: str, round_: int, prev: str, body: str) -> str:
+    """The SHA-256 that chains an entry to the one before: over its number, kind, round,
+    the previous hash and the body's canonical text."""
     return hashlib.sha256(f"{seq}\n{kind}\n{round_}\n{prev}\n{body}".encode()).hexdigest()
 
 
 @dataclass
 class Entry:
+    """One ledger entry as stored: its place in the chain, body, hash and signature."""
+
     seq: int
     kind: str
     round: int
@@ -98,9 +102,11 @@ class Ledger:
 
     @property
     def empty(self) -> bool:
+        """Whether nothing has been appended yet (a new run writes its genesis entry)."""
         return self._seq == 0
 
     def close(self) -> None:
+        """Close the ledger database."""
         self._db.close()
 
 
@@ -133,6 +139,8 @@ def read_entries(path: str | Path) -> list[Entry]:
 
 @dataclass
 class Verdict:
+    """What checking a ledger found: ok, or the first bad entry and why."""
+
     ok: bool
     entries: int
     bad_seq: int | None = None

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from atoll.ledger.chain import Entry
+from atoll.util.weights import load_weights
 
 
 @dataclass
@@ -52,10 +53,8 @@ class ValidationGradient:
         self.batches = batches
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        load_weights(self.model, weights)
         params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, w in weights.items():
-                params[n].copy_(w)
         was_training = self.model.training
         self.model.eval()  # no dropout: the same weights give the same gradient
         self.model.zero_grad(set_to_none=True)
@@ -77,6 +76,8 @@ def alignment(grad: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> 
 
 @dataclass
 class Share:
+    """One contributor's credit in a run: sites, tokens trained, value and share of the model."""
+
     contributor: str
     sites: list[str]
     tokens: int

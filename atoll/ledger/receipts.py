@@ -42,6 +42,7 @@ def build_receipt(*, run_id: str, round_: int, site: str, purpose: str,
 
 
 def sign_receipt(receipt: dict[str, Any], signer: Signer) -> str:
+    """The site's signature (hex) over the canonical text of ``receipt``."""
     return signer.sign(canonical(receipt).encode())
 
 

@@ -25,6 +25,7 @@ class Signer:
 
     @classmethod
     def generate(cls) -> Signer:
+        """A new random key (not saved: :meth:`load_or_create` keeps one on disk)."""
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
@@ -45,6 +46,7 @@ class Signer:
         return signer
 
     def sign(self, data: bytes) -> str:
+        """The Ed25519 signature of ``data``, in hex."""
         return self._key.sign(data).hex()
 
 

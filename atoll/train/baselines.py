@@ -23,6 +23,7 @@ from atoll.consent.pool import consent_filter
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.train.inner import InnerConfig, InnerTrainer, TrainResult
 from atoll.util.hashing import seed_of
+from atoll.util.weights import load_weights
 
 BASELINE_KINDS = ("data_parallel", "sequential")
 """``data_parallel``: the sites' batches combined, the same number of steps (the headline);
@@ -54,6 +55,7 @@ class CentralisedBaseline:
 
     @property
     def name(self) -> str:
+        """The ``run`` of this baseline's metrics records, ``baseline:<kind>``."""
         return f"baseline:{self.kind}"
 
     def _micro_batches(self) -> list[torch.Tensor]:
@@ -79,16 +81,15 @@ class CentralisedBaseline:
                            seconds)
 
     def state_dict(self) -> dict:
+        """Weights, optimizer, readers and token count, for the run's checkpoint."""
         return {"kind": self.kind, "tokens": self.tokens, "turn": self._turn,
                 "weights": {n: p.detach().clone() for n, p in self.model.named_parameters()},
                 "trainer": self.trainer.state_dict(),
                 "readers": [r.state_dict() for r in self.readers]}
 
     def load_state_dict(self, state: dict) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, w in state["weights"].items():
-                params[n].copy_(w)
+        """Continue from a :meth:`state_dict`, exactly where it stopped."""
+        load_weights(self.model, state["weights"])
         self.trainer.load_state_dict(state["trainer"])
         for r, s in zip(self.readers, state["readers"], strict=True):
             r.load_state_dict(s)

@@ -43,6 +43,7 @@ class InnerConfig:
     """Start every round with a fresh AdamW state (DiLoCo) instead of keeping it (Photon)."""
 
     def check(self) -> None:
+        """Refuse values the trainer cannot use (the loader names the key)."""
         if self.lr <= 0:
             raise ValueError(f"inner.lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -68,6 +69,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_adamw(model: torch.nn.Module, cfg: InnerConfig) -> torch.optim.AdamW:
+    """The inner AdamW over ``model``, weight decay on matrices only (:func:`param_groups`)."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
@@ -102,6 +104,7 @@ class InnerTrainer:
         self.step = 0  # global schedule position: inner steps since the run began
 
     def lr_at(self, step: int) -> float:
+        """The learning rate at (0-based) step ``step``: linear warm-up, then cosine decay."""
         c = self.cfg
         return warmup_cosine(step, c.lr, c.warmup_steps, self.total_steps, c.min_lr_ratio)
 
@@ -151,11 +154,14 @@ class InnerTrainer:
         return TrainResult(steps, tokens, loss_sum / steps, time.perf_counter() - start, compute)
 
     def state_dict(self) -> dict:
+        """The step count and AdamW state a site keeps between rounds."""
         return {"step": self.step, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict`."""
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
 
     def reset_optimizer(self) -> None:
+        """A fresh AdamW state (for sites told not to keep theirs across rounds)."""
         self.optimizer = build_adamw(self.model, self.cfg)

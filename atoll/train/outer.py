@@ -24,6 +24,7 @@ class OuterConfig:
     nesterov: bool = True
 
     def check(self) -> None:
+        """Refuse an unknown optimizer, a learning rate or momentum it cannot use."""
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"outer.optimizer must be 'sgd' or 'adam', got '{self.optimizer}'")
         if self.lr <= 0:
@@ -34,6 +35,8 @@ class OuterConfig:
             raise ValueError("outer.nesterov needs outer.momentum > 0 (FedAvg: nesterov = false)")
 
     def build(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """The torch optimizer over the global weights ``params``: SGD (Nesterov by default)
+        or Adam."""
         if self.optimizer == "adam":
             return torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999))
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
@@ -60,7 +63,9 @@ class OuterOptimizer:
             self.weights[n].grad = None
 
     def state_dict(self) -> dict:
+        """The optimizer's state (momentum buffers), checkpointed with the weights."""
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the state saved by :meth:`state_dict`."""
         self.optimizer.load_state_dict(state)

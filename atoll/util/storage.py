@@ -46,6 +46,8 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any
 
 
 def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Put back what :func:`flatten` took apart: markers by their tensors, dicts and tuples
+    as they were."""
     if isinstance(obj, dict):
         if TENSOR_KEY in obj:
             return tensors[obj[TENSOR_KEY]]
