@@ -41,6 +41,7 @@ class SiteConfig:
     scale100, noise, zero, replay, nan, shape, stale, garbage; atoll.federation.faults)."""
 
     def check(self) -> None:
+        """Refuse an unknown fault and a name that cannot be a folder or a key's name."""
         check_fault(self.fault)
         if not self.name or any(c in self.name for c in "/\\ \t"):
             raise ValueError(f"site name {self.name!r} must be non-empty, without spaces or /")
@@ -48,16 +49,21 @@ class SiteConfig:
 
 @dataclass
 class DataConfig:
+    """How the sites' prepared data is read for training."""
+
     seq_len: int = 128
     """Tokens per training row; must divide the row length the data was prepared with."""
 
     def check(self) -> None:
+        """Refuse rows too short to predict a next token."""
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len must be at least 2, got {self.seq_len}")
 
 
 @dataclass
 class EvalSet:
+    """A domain the global model is validated on besides the sites' own."""
+
     name: str
     data: str
     """A prepared directory; its validation split is used."""
@@ -76,6 +82,7 @@ class EvalConfig:
     """Domains to evaluate on; empty = each site's validation split, named after the site."""
 
     def check(self) -> None:
+        """Refuse empty batches, a negative batch limit, an interval below one round."""
         if self.batch_size < 1 or self.max_batches < 0 or self.every < 1:
             raise ValueError("eval.batch_size and eval.every must be >= 1, max_batches >= 0")
 
@@ -89,6 +96,7 @@ class BaselineConfig:
     ``sequential`` (one site's batch, steps x sites); empty = none."""
 
     def check(self) -> None:
+        """Refuse an unknown baseline kind."""
         for k in self.kinds:
             if k not in BASELINE_KINDS:
                 kinds = ", ".join(BASELINE_KINDS)
@@ -97,12 +105,15 @@ class BaselineConfig:
 
 @dataclass
 class CheckpointConfig:
+    """How often the run saves a checkpoint to resume from, and how many it keeps."""
+
     every: int = 1
     """Checkpoint every this many rounds (resume is exact when this is 1)."""
     keep: int = 2
     """How many checkpoints to keep."""
 
     def check(self) -> None:
+        """Refuse an interval or a count below one."""
         if self.every < 1 or self.keep < 1:
             raise ValueError("checkpoint.every and checkpoint.keep must be at least 1")
 
@@ -119,6 +130,8 @@ class CommConfig:
     """How the coordinator encodes the global weights it sends."""
 
     def check(self) -> None:
+        """Refuse codec settings that only make sense the other way, and a store that is
+        not a URL."""
         if self.down.topk and not self.down.delta:
             raise ValueError("comm.down.topk needs comm.down.delta = true (whole weights "
                              "cannot be sparsified, their changes can)")
@@ -160,6 +173,7 @@ class RunConfig:
     sites: list[SiteConfig] = field(default_factory=list)
 
     def check(self) -> None:
+        """Refuse settings that are each fine but do not go together."""
         names = [s.name for s in self.sites]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -20,6 +20,8 @@ from atoll.engines.site_worker import SiteWorker
 
 @dataclass
 class SiteOptions:
+    """How ``atoll site`` joins a federation: the coordinator, this site's data, its keys."""
+
     coordinator: str
     """HOST:PORT of the coordinator's SuperLink."""
     data: Path
@@ -41,6 +43,8 @@ class SiteOptions:
     """Give up after failing to connect (or being refused) for this long (0 = never)."""
 
     def resolve(self) -> None:
+        """Fill in the defaults that follow from the others (name, state, key paths) and
+        refuse a secure setup without a key and CA that exist."""
         self.name = self.name or self.data.resolve().name
         self.state = self.state or Path("atoll-state") / self.name
         if self.insecure:
@@ -57,6 +61,7 @@ class SiteOptions:
 
 
 def supernode_command(o: SiteOptions, port: int) -> list[str]:
+    """The ``flower-supernode`` command line of site ``o``, its ClientApp on ``port``."""
     node_config = (f"name='{o.name}' data='{o.data.resolve()}' "
                    f"state='{o.state.resolve()}' worker=true")
     cmd = [fc.tool("flower-supernode"), "--superlink", o.coordinator, "--port", str(port),

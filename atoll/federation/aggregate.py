@@ -23,6 +23,7 @@ class WeightedMean:
 
     @torch.no_grad()
     def add(self, delta: dict[str, torch.Tensor], weight: float) -> None:
+        """Add one accepted update with its aggregation ``weight`` (positive) to the sum."""
         if weight <= 0:
             raise ValueError(f"aggregation weight must be positive, got {weight}")
         if self._sum is None:
