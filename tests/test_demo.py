@@ -1,8 +1,7 @@
 """The demo itself: four non-IID sites end within 5% of the centralised data-parallel baseline.
 
-This runs the real ``atoll demo`` configuration (about four minutes on 2 cores); the figures
-it produced are recorded in BENCHMARKS.md. Measured here: federation 2.060 against 1.988 for
-the data-parallel baseline (+3.6%), mean over the four domains.
+This runs the real ``atoll demo`` configuration (minutes on 2 cores); what it measured is
+recorded in BENCHMARKS.md, with the command, rather than here where it would go stale.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ from atoll.app.run_config import EvalSet
 from atoll.app.simulate import simulate
 from atoll.federation.checks import ChecksConfig
 from atoll.federation.codecs import CodecConfig, encode
-from atoll.federation.coordinator import Coordinator, FederationConfig
+from atoll.federation.coordinator import Coordinator
 from atoll.federation.protocol import SiteUpdate
+from atoll.federation.settings import CoordinatorConfig, FederationConfig
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig
 from tests.conftest import small_config
@@ -20,13 +21,12 @@ from tests.conftest import small_config
 
 def coordinator(sites_per_round: int = 0) -> Coordinator:
     weights = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
-    return Coordinator(weights, run_id="run", seed=1,
-                       federation=FederationConfig(rounds=5, steps_per_round=2,
-                                                   sites_per_round=sites_per_round),
-                       outer=OuterConfig(lr=1.0, momentum=0.0, nesterov=False),
-                       inner=InnerConfig(), model_config={}, seq_len=8, total_steps=10,
-                       # these hand-made updates repeat themselves on purpose
-                       checks=ChecksConfig(reject_replay=False, max_norm_ratio=0))
+    return Coordinator(weights, CoordinatorConfig(
+        run_id="run", seed=1, model_config={}, seq_len=8, total_steps=10,
+        federation=FederationConfig(rounds=5, steps_per_round=2, sites_per_round=sites_per_round),
+        outer=OuterConfig(lr=1.0, momentum=0.0, nesterov=False), inner=InnerConfig(),
+        # these hand-made updates repeat themselves on purpose
+        checks=ChecksConfig(reject_replay=False, max_norm_ratio=0)))
 
 
 def update(site: str, round_: int = 1, value: float = 1.0, tokens: int = 10, **delta) -> SiteUpdate:
@@ -103,7 +103,7 @@ def test_a_broken_site_does_not_stop_the_others(demo_data, tmp_path):
 
 def test_late_update_is_applied_next_round_with_a_staleness_discount():
     c = coordinator()
-    c.cfg.max_staleness = 1
+    c.cfg.federation.max_staleness = 1
     c.open_round(["a", "b"])
     assert c.accept(update("a", round_=1, value=1.0, tokens=10)) is None
     c.reject("b", "no reply within the 5s deadline")
@@ -120,7 +120,7 @@ def test_late_update_is_applied_next_round_with_a_staleness_discount():
 
 def test_too_late_or_unexpected_late_updates_are_rejected():
     c = coordinator()
-    c.cfg.max_staleness = 1
+    c.cfg.federation.max_staleness = 1
     for r in (1, 2):
         c.open_round(["a", "b"])
         c.accept(update("a", round_=r))

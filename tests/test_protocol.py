@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atoll.federation.protocol import RoundPlan, SiteUpdate, WireError, from_bytes, to_bytes
+from atoll.federation.protocol import (
+    RoundPlan,
+    RunSpec,
+    SiteUpdate,
+    WireError,
+    from_bytes,
+    to_bytes,
+)
 
 
 def make_update() -> SiteUpdate:
@@ -27,13 +34,31 @@ def test_update_round_trip_is_exact():
     assert payload < len(blob) < payload + 1024
 
 
+def make_spec() -> RunSpec:
+    return RunSpec(run_id="r", seed=3, purpose="pretraining", model_config={"x": [1, 2]},
+                   inner={"lr": 0.1}, seq_len=64, total_steps=100)
+
+
 def test_plan_round_trip():
-    plan = RoundPlan(run_id="r", round=1, site="a", step=10, total_steps=100, max_steps=5,
-                     time_budget_s=0.0, seed=3, inner={"lr": 0.1}, model_config={"x": [1, 2]},
-                     seq_len=64, weights={"w": torch.ones(2, 2)})
+    spec = make_spec()
+    plan = RoundPlan(run_id="r", round=1, site="a", spec_id=spec.spec_id, step=10, steps=5,
+                     time_budget_s=0.0, weights={"w": torch.ones(2, 2)}, spec=spec)
     again = from_bytes(to_bytes(plan), RoundPlan)
-    assert again.inner == {"lr": 0.1} and again.model_config == {"x": [1, 2]}
+    assert again.spec == spec and again.spec.spec_id == plan.spec_id
+    assert again.spec.inner == {"lr": 0.1} and again.spec.model_config == {"x": [1, 2]}
+    assert (again.step, again.steps) == (10, 5)
     assert torch.equal(again.weights["w"], plan.weights["w"])
+
+
+def test_a_later_plan_names_the_spec_without_carrying_it():
+    spec = make_spec()
+    plan = RoundPlan(run_id="r", round=2, site="a", spec_id=spec.spec_id, step=15, steps=5,
+                     time_budget_s=0.0, weights={"w": torch.ones(2, 2)})
+    first = RoundPlan(**{**plan.__dict__, "spec": spec})
+    assert len(to_bytes(plan)) < len(to_bytes(first))
+    assert from_bytes(to_bytes(plan), RoundPlan).spec is None
+    # the id follows every field of the spec
+    assert RunSpec(**{**spec.__dict__, "seq_len": 128}).spec_id != spec.spec_id
 
 
 @pytest.mark.parametrize("mangle, reason", [

@@ -1,43 +1,37 @@
 """A run folder and the loop that fills it, whatever engine moves the messages.
 
 ``Run`` owns what a person reads afterwards: the resolved ``config.toml``, ``metrics.jsonl``,
-``checkpoints/``, ``model/`` and (via :mod:`atoll.app.html_report`) ``report.html``. It
-global model per domain, keeps the centralised baselines level with the federation, and
-checkpoints after every round so that ``--resume`` continues exactly where it stopped.
+``checkpoints/``, ``model/`` and (via :mod:`atoll.app.html_report`) ``report.html``. Its
+:meth:`Run.execute` is where a run's rounds start: after each one it writes the books,
+evaluates the global model per domain, brings the centralised baselines level with the
+federation's tokens, and checkpoints so that ``--resume`` continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
 from atoll.app.books import Books
+from atoll.app.evaluation import eval_sets, evaluate, mean_loss
 from atoll.app.metrics import FEDERATION, MetricsLog, read_metrics
 from atoll.app.progress import Progress
-from atoll.app.run_config import EvalConfig, RunConfig
+from atoll.app.run_config import RunConfig
+from atoll.app.run_folder import RunFolder
 from atoll.app.status import StatusBoard
 from atoll.config import save as save_config
-from atoll.consent.pool import consent_filter
-from atoll.data.reader import TokenDataset, validation_batches
 from atoll.federation.coordinator import Coordinator
 from atoll.federation.protocol import Engine
 from atoll.federation.rounds import RoundResult, run_round
+from atoll.federation.settings import CoordinatorConfig
 from atoll.ledger.credit import ValidationGradient
 from atoll.model import export
 from atoll.tokenizer import load_tokenizer
 from atoll.train.baselines import CentralisedBaseline
-from atoll.train.evaluate import validation_loss
-from atoll.util.atomic import write_atomic
-from atoll.util.storage import load_state, save_state
-
-_CKPT = re.compile(r"^round-(\d{5,})$")
+from atoll.util.weights import load_weights
 
 
 class Run:
@@ -50,29 +44,17 @@ class Run:
         self.progress = progress or Progress(quiet=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_run_folder(self.out)
-        self.run_id = self._identity(resume)
+        self.folder = RunFolder(self.out)
+        self.run_id = self.folder.identity(cfg.name, resume)
+        if not resume:
+            save_config(cfg, self.out / "config.toml")
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.model = cfg.model.build(self.tokenizer, seed=cfg.seed)
         init = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.coordinator = Coordinator(
-            init, run_id=self.run_id, seed=cfg.seed, federation=cfg.federation,
-            outer=cfg.outer, inner=cfg.inner, model_config=self.model.config.to_dict(),
-            seq_len=cfg.data.seq_len, total_steps=cfg.total_steps, up=cfg.comm.up,
-            down=cfg.comm.down, purpose=cfg.purpose, checks=cfg.checks,
-            aggregation=cfg.aggregation, privacy=cfg.privacy)
-        self.eval_sets = self._eval_sets()
-        probe_batches = [b for batches in self.eval_sets.values()
-                         for b in batches[: cfg.credit.batches]]
-        self.books = Books(
-            self.out, self.run_id, cfg.purpose,
-            lambda: (self.coordinator.round + 1, self.coordinator.weights),
-            ValidationGradient(self.model, probe_batches) if probe_batches else None,
-            cfg.federation.staleness_exponent)
-        self.coordinator.audit = self.books.audit
-        self.books.start(cfg.name, hashlib.sha256(
-            (self.out / "config.toml").read_bytes()).hexdigest())
+        self.coordinator = Coordinator(init, coordinator_config(
+            cfg, self.run_id, self.model.config.to_dict()))
+        self.eval_sets = eval_sets(cfg)
+        self.books = self._open_books()
         self.baselines = [self._baseline(kind, init) for kind in cfg.baseline.kinds]
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.bytes_up = self.bytes_down = 0
@@ -83,38 +65,23 @@ class Run:
         self.status = StatusBoard(self.out, cfg.federation.rounds, self.coordinator.round,
                                   last[-1] if last else None)
 
-    # -- set-up ---------------------------------------------------------------------------
-
-    def _identity(self, resume: bool) -> str:
-        path = self.out / "run.json"
-        if resume:
-            if not path.exists():
-                raise FileNotFoundError(f"{self.out} is not a run folder (no run.json)")
-            return json.loads(path.read_text())["run_id"]
-        if path.exists():
-            raise FileExistsError(f"{self.out} already holds a run: use --resume, or another --out")
-        run_id = uuid.uuid4().hex[:12]
-        write_atomic(path, json.dumps({"run_id": run_id, "name": self.cfg.name,
-                                       "started": time.time()}).encode())
-        save_config(self.cfg, self.out / "config.toml")
-        return run_id
-
-    def _eval_sets(self) -> dict[str, list[torch.Tensor]]:
-        e = self.cfg.eval
-        sets = [(s.name, s.data) for s in e.sets] or [
-            (s.name, s.data) for s in self.cfg.sites if s.data and Path(s.data).is_dir()]
-        out = {}
-        for name, data in sets:
-            batches = held_out_batches(data, self.cfg.data.seq_len, e, self.cfg.purpose)
-            if batches:
-                out[name] = batches
-        return out
+    def _open_books(self) -> Books:
+        """The contribution ledger, valuing updates against the run's validation sets."""
+        probe_batches = [b for batches in self.eval_sets.values()
+                         for b in batches[: self.cfg.credit.batches]]
+        books = Books(
+            self.out, self.run_id, self.cfg.purpose,
+            lambda: (self.coordinator.round + 1, self.coordinator.weights),
+            ValidationGradient(self.model, probe_batches) if probe_batches else None,
+            self.cfg.federation.staleness_exponent)
+        self.coordinator.audit = books.audit
+        books.start(self.cfg.name, hashlib.sha256(
+            (self.out / "config.toml").read_bytes()).hexdigest())
+        return books
 
     def _baseline(self, kind: str, init: dict[str, torch.Tensor]) -> CentralisedBaseline:
         model = self.cfg.model.build(self.tokenizer, seed=self.cfg.seed)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(init[n])
+        load_weights(model, init)
         return CentralisedBaseline(kind, model, self.cfg.inner, [s.data for s in self.cfg.sites],
                                    self.cfg.data.seq_len, self.cfg.seed, self.cfg.total_steps,
                                    purpose=self.cfg.purpose)
@@ -125,18 +92,23 @@ class Run:
         """Run rounds until ``federation.rounds`` are done."""
         rounds = self.cfg.federation.rounds
         if self.coordinator.round == 0:
-            self._evaluate_and_log(0, None, 0.0)
+            self._after_round(0, None, 0.0)
         while self.coordinator.round < rounds:
             start = time.perf_counter()
-            report = run_round(self.coordinator, engine, self.status.round_started,
+            result = run_round(self.coordinator, engine, self.status.round_started,
                                self.status.reported)
-            self._record(report, time.perf_counter() - start)
+            self._record_replies(result)
+            self._after_round(result.outcome.round, result, time.perf_counter() - start)
+            r = result.outcome.round
+            if r % self.cfg.checkpoint.every == 0 or r == rounds:
+                self.checkpoint()
 
-    def _record(self, report: RoundResult, seconds: float) -> None:
-        out = report.outcome
+    def _record_replies(self, result: RoundResult) -> None:
+        """The ledger's entries for the round, and a metrics record per site."""
+        out = result.outcome
         r = out.round
         self.books.close_round(out, self.coordinator.weights)
-        for u in report.replies:
+        for u in result.replies:
             self.metrics.write({
                 "kind": "site", "run": FEDERATION, "round": r, "site": u.site,
                 "train_loss": u.train_loss, "tokens": u.tokens, "steps": u.steps,
@@ -146,19 +118,25 @@ class Run:
                 "norm": out.norms.get(u.site)})
             self.bytes_up += u.bytes_up
             self.bytes_down += u.bytes_down
-        for f in report.failures:
+        for f in result.failures:
             self.metrics.write({"kind": "site", "run": FEDERATION, "round": r, "site": f.site,
                                 "accepted": False, "reason": f.reason})
         for site, reason in out.rejected.items():
             self.progress.log(f"  round {r}: update of {site} rejected: {reason}")
-        self._evaluate_and_log(r, report, seconds)
-        if r % self.cfg.checkpoint.every == 0 or r == self.cfg.federation.rounds:
-            self.checkpoint()
 
-    def _evaluate_and_log(self, r: int, report: RoundResult | None, seconds: float) -> None:
+    def _after_round(self, r: int, result: RoundResult | None, seconds: float) -> None:
+        """Evaluate and log the federation after round ``r``, then the baselines."""
         due = r == 0 or r % self.cfg.eval.every == 0 or r == self.cfg.federation.rounds
+        line = self._log_federation(r, result, seconds, due)
+        line += self._advance_baselines(r, due)
+        line += f"  tokens {self.coordinator.tokens / 1e6:.2f}M  {seconds:.1f}s"
+        self.progress.log(line)
+
+    def _log_federation(self, r: int, result: RoundResult | None, seconds: float,
+                        due: bool) -> str:
+        """Write the federation's round record; the start of the round's console line."""
         fed_val = self.evaluate(self.coordinator.weights) if due else None
-        out = report.outcome if report else None
+        out = result.outcome if result else None
         record = {
             "kind": "round", "run": FEDERATION, "round": r, "tokens": self.coordinator.tokens,
             "step": self.coordinator.step, "train_loss": out.train_loss if out else None,
@@ -167,8 +145,8 @@ class Run:
             "rejected_count": len(out.rejected) if out else 0,
             "epsilon": out.epsilon if out else None,
             "delta": self.cfg.privacy.delta if out and out.epsilon is not None else None,
-            "bytes_up": sum(u.bytes_up for u in report.replies) if report else 0,
-            "bytes_down": sum(u.bytes_down for u in report.replies) if report else 0,
+            "bytes_up": sum(u.bytes_up for u in result.replies) if result else 0,
+            "bytes_down": sum(u.bytes_down for u in result.replies) if result else 0,
             "seconds": seconds, "ended": time.time()}
         self.metrics.write(record)
         if r > 0:
@@ -178,74 +156,58 @@ class Run:
             train = out.train_loss if out.train_loss is not None else float("nan")
             line += f"  sites {len(out.accepted)}/{len(out.planned)}  train {train:.3f}"
         if fed_val:
-            line += f"  val {_mean(fed_val):.3f}"
+            line += f"  val {mean_loss(fed_val):.3f}"
+        return line
+
+    def _advance_baselines(self, r: int, due: bool) -> str:
+        """Train each baseline up to the federation's tokens and log it; its console part."""
+        line = ""
         for b in self.baselines:
             result = b.train_to(self.coordinator.tokens)
-            b_val = self._evaluate_model(b.model) if due else None
+            b_val = evaluate(b.model, self.eval_sets) if due else None
             self.metrics.write({
                 "kind": "round", "run": b.name, "round": r, "tokens": b.tokens,
                 "step": b.trainer.step, "train_loss": result.loss if result else None,
                 "val_loss": b_val, "seconds": result.seconds if result else 0.0})
             if b_val:
-                line += f"  {b.kind} {_mean(b_val):.3f}"
-        line += f"  tokens {self.coordinator.tokens / 1e6:.2f}M  {seconds:.1f}s"
-        self.progress.log(line)
-
-    # -- evaluation --------------------------------------------------------------------------
+                line += f"  {b.kind} {mean_loss(b_val):.3f}"
+        return line
 
     def evaluate(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
         """Validation loss per domain of ``weights`` (loaded into the run's model)."""
-        self.load_weights(weights)
-        return self._evaluate_model(self.model)
-
-    def _evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
-        return {name: validation_loss(model, batches) for name, batches in self.eval_sets.items()}
-
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, w in weights.items():
-                params[n].copy_(w)
+        load_weights(self.model, weights)
+        return evaluate(self.model, self.eval_sets)
 
     # -- checkpoints -------------------------------------------------------------------------
 
     def checkpoint(self) -> Path:
-        """Save coordinator + baselines for the last closed round (atomic directory rename)."""
-        root = self.out / "checkpoints"
+        """Save coordinator + baselines for the last closed round."""
         r = self.coordinator.round
-        final = root / f"round-{r:05d}"
-        tmp = root / f".round-{r:05d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_state({**self.coordinator.state_dict(), "bytes_up": self.bytes_up,
-                    "bytes_down": self.bytes_down}, tmp / "coordinator")
-        for b in self.baselines:
-            save_state(b.state_dict(), tmp / f"baseline-{b.kind}")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        parts = {"coordinator": {**self.coordinator.state_dict(), "bytes_up": self.bytes_up,
+                                 "bytes_down": self.bytes_down}}
+        parts |= {f"baseline-{b.kind}": b.state_dict() for b in self.baselines}
+        path = self.folder.save_checkpoint(r, parts, self.cfg.checkpoint.keep)
         self.coordinator.checkpointed = r
-        for old in self.checkpoints()[: -self.cfg.checkpoint.keep]:
-            shutil.rmtree(root / f"round-{old:05d}", ignore_errors=True)
-        return final
+        return path
 
     def checkpoints(self) -> list[int]:
-        root = self.out / "checkpoints"
-        if not root.exists():
-            return []
-        return sorted(int(m.group(1)) for p in root.iterdir() if (m := _CKPT.match(p.name)))
+        """The rounds that have a checkpoint, oldest first."""
+        return self.folder.checkpoints.rounds()
 
     def _resume(self) -> None:
-        rounds = self.checkpoints()
-        if not rounds:
+        found = self.folder.load_checkpoint(
+            ["coordinator", *(f"baseline-{b.kind}" for b in self.baselines)])
+        if found is None:
             self.metrics.truncate_after(-1)  # nothing to keep: start from round 0 again
             self.books.resumed_at(0)
             return
-        path = self.out / "checkpoints" / f"round-{rounds[-1]:05d}"
-        state = load_state(path / "coordinator")
+        _, parts = found
+        state = parts["coordinator"]
         self.coordinator.load_state_dict(state)
         self.coordinator.checkpointed = self.coordinator.round
         self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
         for b in self.baselines:
-            b.load_state_dict(load_state(path / f"baseline-{b.kind}"))
+            b.load_state_dict(parts[f"baseline-{b.kind}"])
         self.metrics.truncate_after(self.coordinator.round)
         self.books.resumed_at(self.coordinator.round)
         self.progress.log(f"resumed {self.out} at round {self.coordinator.round}")
@@ -254,7 +216,7 @@ class Run:
 
     def finish(self) -> Path:
         """Export the global model in Hugging Face format to ``out/model``."""
-        self.load_weights(self.coordinator.weights)
+        load_weights(self.model, self.coordinator.weights)
         path = export(self.model, self.tokenizer, self.out / "model")
         self.status.finished()
         return path
@@ -262,9 +224,7 @@ class Run:
     def close(self) -> None:
         """Release the run folder (another process may then resume it)."""
         self.books.close()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        self.folder.release()
 
     def final_losses(self) -> dict[str, dict[str, float]]:
         """Last validation losses per run (federation, baselines) from the metrics."""
@@ -275,35 +235,11 @@ class Run:
         return last
 
 
-def held_out_batches(data: str | Path, seq_len: int, e: EvalConfig, purpose: str
-                     ) -> list[torch.Tensor]:
-    """The validation batches a run evaluates on for one prepared data folder (none when it
-    is too small to hold out rows). A pool's held-out rows are its contributors' data too:
-    consent applies."""
-    ds = TokenDataset(data, "val", seq_len)
-    if len(ds) == 0:
-        return []
-    return validation_batches(ds, e.batch_size, e.max_batches, consent_filter(data, purpose))
-
-
-def _lock_run_folder(out: Path, wait_s: float = 120.0) -> object:
-    """Hold an exclusive lock on the run folder for this process's lifetime.
-
-    A coordinator that died abruptly can leave its ServerApp process alive for a few seconds;
-    a resumed one waits for it to go rather than have two writers in one folder."""
-    import fcntl
-
-    handle = open(out / ".lock", "w")  # noqa: SIM115 - held until the process exits
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{out} is in use by another atoll process") from None
-            time.sleep(1.0)
-
-
-def _mean(d: dict[str, float]) -> float:
-    return sum(d.values()) / len(d)
+def coordinator_config(cfg: RunConfig, run_id: str, model_config: dict) -> CoordinatorConfig:
+    """The coordinator's part of a run config (its rules of a round, as the config's own
+    sections), for the run ``run_id`` of a model with ``model_config``."""
+    return CoordinatorConfig(
+        run_id=run_id, model_config=model_config, total_steps=cfg.total_steps, seed=cfg.seed,
+        purpose=cfg.purpose, seq_len=cfg.data.seq_len, federation=cfg.federation,
+        inner=cfg.inner, outer=cfg.outer, up=cfg.comm.up, down=cfg.comm.down,
+        checks=cfg.checks, aggregation=cfg.aggregation, privacy=cfg.privacy)

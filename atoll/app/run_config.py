@@ -14,10 +14,10 @@ from atoll.config import ConfigError, load
 from atoll.config import save as save_config
 from atoll.federation.checks import ChecksConfig
 from atoll.federation.codecs import CodecConfig
-from atoll.federation.coordinator import FederationConfig
-from atoll.federation.faults import check_fault
+from atoll.federation.fault_kinds import check_fault
 from atoll.federation.privacy import PrivacyConfig
 from atoll.federation.robust import AggregationConfig
+from atoll.federation.settings import FederationConfig
 from atoll.ledger.credit import CreditConfig
 from atoll.model import ModelConfig
 from atoll.train.baselines import BASELINE_KINDS

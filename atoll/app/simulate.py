@@ -9,7 +9,7 @@ from atoll.app.progress import Progress
 from atoll.app.run import Run
 from atoll.app.run_config import RunConfig
 from atoll.engines.local import LocalEngine
-from atoll.federation.site import Site
+from atoll.federation.faults import make_site
 
 
 def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,
@@ -17,8 +17,8 @@ def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,
     """Run (or resume) the federation described by ``cfg`` into ``out``; returns the run."""
     progress = progress or Progress(quiet=True)
     run = Run(cfg, out, resume=resume, progress=progress)
-    sites = [Site(s.name, s.data, run.out / "sites" / s.name, pace_s=s.pace_s, fault=s.fault)
-             for s in cfg.sites]
+    sites = [make_site(s.name, s.data, run.out / "sites" / s.name, pace_s=s.pace_s,
+                       fault=s.fault) for s in cfg.sites]
     steps = cfg.federation.steps_per_round
     rounds = cfg.federation.rounds
 
@@ -27,8 +27,7 @@ def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,
         progress.update(f"round {round_}/{rounds}  site {site}  step {step}{of}  loss {loss:.3f}")
 
     run.status.sites([s.name for s in sites])
-    engine = LocalEngine(sites, on_step=on_step, parallel=cfg.parallel,
-                         faults={s.name: s.fault for s in cfg.sites if s.fault})
+    engine = LocalEngine(sites, on_step=on_step, parallel=cfg.parallel)
     try:
         run.execute(engine)
         run.finish()

@@ -139,7 +139,7 @@ def _start_worker(o: SiteOptions, log: Callable[[str], None]) -> SiteWorker:
     """The long-lived trainer the ClientApp shim hands rounds to."""
     import torch
 
-    from atoll.federation.site import Site
+    from atoll.federation.faults import make_site
 
     if o.threads > 0:
         torch.set_num_threads(o.threads)
@@ -149,5 +149,5 @@ def _start_worker(o: SiteOptions, log: Callable[[str], None]) -> SiteWorker:
             f"{update['tokens']} tokens, loss {update['train_loss']:.4f}, "
             f"{update['seconds']:.1f}s")
 
-    site = Site(o.name, o.data, o.state, fault=o.fault)
-    return SiteWorker(site, o.state, fault=o.fault, on_round=on_round).start()
+    site = make_site(o.name, o.data, o.state, fault=o.fault)
+    return SiteWorker(site, o.state, on_round=on_round).start()

@@ -4,8 +4,9 @@ Runs inside the ServerApp process on the coordinator host. A site is a SuperNode
 is the one its public key was registered under (authenticated federations) or, in insecure
 development mode, the name it reports when first asked (a ``query.hello`` message).
 
-The global weights of a round are serialized once and shared by every site's message
-(Flower stores identical objects once; an object store is written once per round). Replies
+Each site gets exactly the payload its plan holds; plans that share one (the same weights,
+the same change) share one serialized copy (Flower stores identical objects once; an object
+store is written once per distinct payload). Replies
 are pulled as they arrive; Flower's error replies (node gone, ClientApp crashed) and
 undecodable payloads become :class:`SiteFailure`; whoever has not answered by the deadline
 is reported as failed and the round closes without them.
@@ -121,23 +122,22 @@ class FlowerEngine:
 
     def exchange(self, plans: dict[str, RoundPlan], deadline_s: float = 0.0
                  ) -> Iterator[SiteUpdate | SiteFailure]:
+        """Push each connected site its plan; yield replies as they come, failures for the
+        rest (not connected, Flower errors, undecodable, past the deadline)."""
         if not plans:
             return
-        first = next(iter(plans.values()))
-        weights = tensor_bytes(first.weights)  # the same for every site: serialized once
-        key = f"{first.run_id}/round-{first.round:05d}/global.safetensors"
-        payload = pack(weights, self.store, key)
+        payloads = self._payloads(plans)
         msgs, sites = [], []
         for site, plan in plans.items():
             if site not in self.nodes:
                 yield SiteFailure(site, plan.round, "not connected")
                 continue
-            msgs.append(Message(plan_message(payload, plan, self.store),
+            msgs.append(Message(plan_message(payloads[site][0], plan, self.store),
                                 dst_node_id=self.nodes[site], message_type=TRAIN,
                                 group_id=str(plan.round)))
             sites.append(site)
         by_node = {self.nodes[s]: s for s in sites}
-        down = {s: len(weights) + len(json.dumps(header(plans[s]))) for s in sites}
+        down = {s: payloads[s][1] + len(json.dumps(header(plans[s])).encode()) for s in sites}
         for nid, reply in self._push_pull(msgs, deadline_s):
             site = by_node[nid]
             r = plans[site].round
@@ -157,6 +157,22 @@ class FlowerEngine:
                 update.bytes_down = down[site]
                 update.bytes_up = len(blob) + len(json.dumps(head))
                 yield update
+
+    def _payloads(self, plans: dict[str, RoundPlan]) -> dict[str, tuple[RecordDict, int]]:
+        """Each site's weights payload and its size. Sites whose plans share one payload
+        (the same weights, the same change) share one serialized copy; every other site gets
+        exactly its own."""
+        packed: dict[int, tuple[RecordDict, int]] = {}
+        out = {}
+        for site, plan in plans.items():
+            if id(plan.weights) not in packed:
+                blob = tensor_bytes(plan.weights)
+                n = len(packed)
+                name = "global" if n == 0 else f"global-{n}"
+                key = f"{plan.run_id}/round-{plan.round:05d}/{name}.safetensors"
+                packed[id(plan.weights)] = (pack(blob, self.store, key), len(blob))
+            out[site] = packed[id(plan.weights)]
+        return out
 
     def _push_pull(self, msgs: list[Message], timeout_s: float
                    ) -> Iterator[tuple[int, Message | None]]:

@@ -17,7 +17,7 @@ import json
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from atoll.engines.site_worker import call_worker, handle_plan
+from atoll.engines.site_worker import call_worker
 from atoll.engines.transport import pack, unpack
 
 client_app = ClientApp()
@@ -43,13 +43,13 @@ def site_main(msg: Message, context: Context) -> Message:
     else:
         import torch
 
-        from atoll.federation.site import Site
+        from atoll.federation.faults import make_site
 
         if int(node.get("threads", 0)) > 0:
             torch.set_num_threads(int(node["threads"]))
-        site = Site(str(node["name"]), str(node["data"]), str(node["state"]),
-                    fault=str(node.get("fault", "")))
-        reply, out = handle_plan(site, head, blob, str(node.get("fault", "")))
+        site = make_site(str(node["name"]), str(node["data"]), str(node["state"]),
+                         fault=str(node.get("fault", "")))
+        reply, out = site.answer(head, blob)
     payload = pack(out, store, f"{head['run_id']}/round-{head['round']:05d}/{node['name']}.update")
     payload["update"] = ConfigRecord({"header": json.dumps(reply)})
     return Message(payload, reply_to=msg)

@@ -6,26 +6,28 @@ then real, and a site still training when it passes is reported as failed for th
 its update, when it comes, is handed over during a later exchange (the coordinator decides
 whether a late update still counts).
 
-Messages always go through their wire form (:func:`~atoll.federation.protocol.to_bytes`), so
-the byte counts are the real serialized sizes and the local engine exercises the same
-encoding as a real federation. A site that raises is reported as a failure; the others go on.
+Messages always go through their wire form (a JSON header and a safetensors blob, as on
+Flower), so the byte counts are the real serialized sizes and the local engine exercises the
+same encoding as a real federation; a site that misbehaves on purpose is a
+:class:`~atoll.federation.faults.FaultySite`, on either engine. A site that raises is
+reported as a failure; the others go on.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from atoll.federation.faults import apply_fault, message_fault
 from atoll.federation.protocol import (
     RoundPlan,
     SiteFailure,
     SiteUpdate,
     WireError,
-    from_bytes,
-    to_bytes,
+    from_parts,
+    header,
+    tensor_bytes,
 )
 from atoll.federation.site import Site
 
@@ -36,44 +38,40 @@ class LocalEngine:
     """Runs :class:`Site` objects in-process."""
 
     def __init__(self, sites: list[Site], on_step: StepCallback | None = None,
-                 parallel: bool = False, faults: dict[str, str] | None = None) -> None:
+                 parallel: bool = False) -> None:
         self.sites = {s.name: s for s in sites}
-        # testing: what happens to a site's messages on the way (faults.WIRE_FAULTS)
-        self.faults = {k: message_fault(v) for k, v in (faults or {}).items()}
         self.on_step = on_step
         self.parallel = parallel
         self._pool = ThreadPoolExecutor(max_workers=len(sites)) if parallel else None
         self._late: dict[Future, str] = {}  # futures that missed their round's deadline
 
     def available_sites(self) -> list[str]:
+        """Every site that is not still busy with an earlier round."""
         busy = set(self._late.values())  # a site still on an old round is not free
         return [s for s in self.sites if s not in busy]
 
     def _run_site(self, name: str, plan: RoundPlan) -> SiteUpdate | SiteFailure:
-        """What a site's machine does with a plan: decode, train, encode the reply."""
-        down = to_bytes(plan)
+        """What a site's machine does with a plan: the wire form in, the wire form out."""
+        head, blob = json.dumps(header(plan)), tensor_bytes(plan.weights)
+        callback = None
+        if self.on_step is not None:
+            def callback(step: int, loss: float) -> None:
+                self.on_step(name, plan.round, step, loss)
         try:
-            site_plan = from_bytes(down, RoundPlan)
-            callback = None
-            if self.on_step is not None:
-                def callback(step: int, loss: float) -> None:
-                    self.on_step(name, plan.round, step, loss)
-            update = self.sites[name].run(site_plan, on_step=callback)
-            if self.faults.get(name):
-                update, _ = apply_fault(update, b"", self.faults[name])
-            up = to_bytes(update)
-            if self.faults.get(name) == "garbage":
-                up = os.urandom(len(up))
-            reply = from_bytes(up, SiteUpdate)
+            up_head, up_blob = self.sites[name].answer(json.loads(head), blob, callback)
+            up_head = json.dumps(up_head)
+            reply = from_parts(json.loads(up_head), up_blob, SiteUpdate)
         except WireError as e:
             return SiteFailure(site=name, round=plan.round, reason=str(e))
         except Exception as e:  # noqa: BLE001 - one misbehaving site never stops the others
             return SiteFailure(site=name, round=plan.round, reason=f"{type(e).__name__}: {e}")
-        reply.bytes_down, reply.bytes_up = len(down), len(up)
+        reply.bytes_down = len(blob) + len(head.encode())
+        reply.bytes_up = len(up_blob) + len(up_head.encode())
         return reply
 
     def exchange(self, plans: dict[str, RoundPlan], deadline_s: float = 0.0
                  ) -> Iterator[SiteUpdate | SiteFailure]:
+        """Run each planned site (in turn, or in threads) and yield its reply."""
         if not self.parallel:
             for name, plan in plans.items():
                 yield self._run_site(name, plan)
@@ -97,5 +95,6 @@ class LocalEngine:
                                                     "deadline")
 
     def close(self) -> None:
+        """Wait for sites still training in threads."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)

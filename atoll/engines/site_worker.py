@@ -21,8 +21,6 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
 
-from atoll.util.errors import WireError
-
 SOCKET = "worker.sock"
 KEY = "worker.key"
 
@@ -41,27 +39,13 @@ def call_worker(state_dir: str | Path, head: dict[str, Any], blob: bytes
         return reply, conn.recv_bytes()
 
 
-def handle_plan(site: Any, head: dict[str, Any], blob: bytes, fault: str = ""
-                ) -> tuple[dict[str, Any], bytes]:
-    """Train one round: plan (header + weights bytes) in, update (header + bytes) out."""
-    from atoll.federation.faults import apply_fault, message_fault
-    from atoll.federation.protocol import RoundPlan, from_parts, header, tensor_bytes
-
-    plan = from_parts(head, blob, RoundPlan)
-    if plan.site != site.name:
-        raise WireError(f"plan addressed to site {plan.site!r} reached site {site.name!r}")
-    update = site.run(plan)
-    update, out = apply_fault(update, tensor_bytes(update.delta), message_fault(fault))
-    return header(update), out
-
-
 class SiteWorker:
-    """Serves ``handle_plan`` for one site on a Unix socket in its state directory."""
+    """Serves :meth:`~atoll.federation.site.Site.answer` for one site on a Unix socket in
+    its state directory."""
 
-    def __init__(self, site: Any, state_dir: Path, fault: str = "",
+    def __init__(self, site: Any, state_dir: Path,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.site = site
-        self.fault = fault
         self.on_round = on_round
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +63,7 @@ class SiteWorker:
         self._ahead: threading.Thread | None = None
 
     def start(self) -> SiteWorker:
+        """Start serving in a background thread; returns ``self``."""
         self.thread.start()
         return self
 
@@ -97,9 +82,9 @@ class SiteWorker:
                 blob = conn.recv_bytes()
                 with self._lock:
                     self._stop_training_ahead()
-                    reply, out = handle_plan(self.site, head, blob, self.fault)
-                    if head.get("overlap_steps"):
-                        self._train_ahead(int(head["overlap_steps"]))
+                    reply, out = self.site.answer(head, blob)
+                    if self.site.overlap_steps:
+                        self._train_ahead(self.site.overlap_steps)
             except Exception as e:  # noqa: BLE001 - reported to the coordinator, not fatal
                 conn.send_bytes(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
                 return
@@ -122,6 +107,7 @@ class SiteWorker:
             self._ahead = None
 
     def close(self) -> None:
+        """Stop training ahead and stop serving (the socket is removed)."""
         self._stop_training_ahead()
         self.listener.close()
         (self.state_dir / SOCKET).unlink(missing_ok=True)

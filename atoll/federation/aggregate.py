@@ -29,7 +29,9 @@ class WeightedMean:
         if self._sum is None:
             self._sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in delta.items()}
         for k, v in delta.items():
-            self._sum[k].add_(v.float(), alpha=weight)
+            # the product first, then the sum (not a fused multiply-add): a + b == b + a, so
+            # two updates give the same mean in whichever order they arrive
+            self._sum[k].add_(v.float() * weight)
         self.total_weight += weight
         self.count += 1
 

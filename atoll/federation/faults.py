@@ -21,21 +21,24 @@ What a broken site or network does to the message (applied after encoding):
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from atoll.federation.checks import global_norm
-from atoll.federation.fault_kinds import DELTA_FAULTS, WIRE_FAULTS, check_fault
-from atoll.federation.protocol import SiteUpdate
+from atoll.federation.fault_kinds import DELTA_FAULTS, check_fault
+from atoll.federation.protocol import RoundPlan, RunSpec
+from atoll.federation.site import Site
 
 
 @torch.no_grad()
 def corrupt_delta(delta: dict[str, torch.Tensor], fault: str, seed: int = 0
                   ) -> dict[str, torch.Tensor]:
     """The pseudo-gradient a site with ``fault`` sends instead of ``delta`` (``replay`` is
-    handled by the site, which remembers what it sent)."""
+    handled by :class:`FaultySite`, which remembers what it sent)."""
     if fault == "sign_flip":
         return {k: -10.0 * v for k, v in delta.items()}
     if fault == "scale100":
@@ -55,21 +58,49 @@ def corrupt_delta(delta: dict[str, torch.Tensor], fault: str, seed: int = 0
     return delta
 
 
-def apply_fault(update: SiteUpdate, blob: bytes, fault: str) -> tuple[SiteUpdate, bytes]:
-    """The (update, payload bytes) a site whose messages suffer ``fault`` sends."""
-    check_fault(fault)
-    if fault == "stale":
-        return dataclasses.replace(update, round=update.round - 1), blob
-    if fault == "garbage":
-        return update, os.urandom(len(blob))
-    return update, blob
+class FaultySite(Site):
+    """A site that misbehaves on purpose, in the stage where its misbehaviour belongs: the
+    pseudo-gradient (delta faults), the encoded update (``replay``) or the message
+    (``stale``, ``garbage``). Everything else is an honest :class:`Site`."""
+
+    def __init__(self, name: str, data_dir: str | Path, state_dir: str | Path, fault: str,
+                 pace_s: float = 0.0) -> None:
+        check_fault(fault)
+        super().__init__(name, data_dir, state_dir, pace_s)
+        self.fault = fault
+        self._first_sent: dict[str, torch.Tensor] | None = None
+
+    def pseudo_gradient(self, plan: RoundPlan, spec: RunSpec) -> dict[str, torch.Tensor]:
+        """The honest pseudo-gradient, corrupted by a delta fault."""
+        delta = super().pseudo_gradient(plan, spec)
+        if self.fault in DELTA_FAULTS:
+            delta = corrupt_delta(delta, self.fault, seed=plan.round)
+        return delta
+
+    def encode(self, plan: RoundPlan, spec: RunSpec, delta: dict[str, torch.Tensor]
+               ) -> dict[str, torch.Tensor]:
+        """The encoded update; ``replay`` sends the first one it ever sent, every round."""
+        encoded = super().encode(plan, spec, delta)
+        if self.fault == "replay":
+            self._first_sent = self._first_sent or encoded
+            return self._first_sent
+        return encoded
+
+    def answer(self, head: dict[str, Any], blob: bytes,
+               on_step: Callable[[int, float], None] | None = None
+               ) -> tuple[dict[str, Any], bytes]:
+        """The update's wire form, as a broken site or network mangles it."""
+        head, blob = super().answer(head, blob, on_step)
+        if self.fault == "stale":
+            head = {**head, "round": head["round"] - 1}
+        elif self.fault == "garbage":
+            blob = os.urandom(len(blob))
+        return head, blob
 
 
-def message_fault(fault: str) -> str:
-    """The part of ``fault`` that is applied to messages (empty for delta faults)."""
-    return fault if fault in WIRE_FAULTS else ""
-
-
-def delta_fault(fault: str) -> str:
-    return fault if fault in DELTA_FAULTS else ""
-
+def make_site(name: str, data_dir: str | Path, state_dir: str | Path, *, pace_s: float = 0.0,
+              fault: str = "") -> Site:
+    """An honest :class:`Site`, or a :class:`FaultySite` when ``fault`` names one."""
+    if fault:
+        return FaultySite(name, data_dir, state_dir, fault, pace_s)
+    return Site(name, data_dir, state_dir, pace_s)

@@ -1,7 +1,8 @@
 """What travels between the coordinator and a site, and what an engine must do to move it.
 
-Two plain dataclasses: a :class:`RoundPlan` goes down (global weights, the schedule position,
-how long to train, the training settings), a :class:`SiteUpdate` comes back (the
+Plain dataclasses: a :class:`RunSpec` goes down once per run (the model, the training and
+codec settings), a :class:`RoundPlan` every round (the global weights or their change, the
+schedule position, how long to train), and a :class:`SiteUpdate` comes back (the
 pseudo-gradient and what it cost). On the wire each is one safetensors blob whose metadata
 holds the non-tensor fields as JSON, so a message is self-describing and its size is the real
 number of bytes that crosses the network.
@@ -12,6 +13,7 @@ Engines implement :class:`Engine`; the coordinator and the site never see how me
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,61 +26,95 @@ from safetensors.torch import save as st_save
 
 from atoll.util.errors import WireError
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 @dataclass
-class RoundPlan:
-    """Coordinator -> site: train from these weights for this long."""
+class RunSpec:
+    """Coordinator -> site, once per run: what to build, how to train and how to answer.
+
+    It travels inside the first plan a site gets (and again whenever the coordinator cannot
+    be sure the site holds it); later plans name it by :attr:`spec_id` and the site uses its
+    cached copy (:mod:`atoll.federation.site_state`)."""
 
     run_id: str
-    round: int
-    """1-based number of the round this plan belongs to."""
-    site: str
-    step: int
-    """Global schedule position (inner steps since the run began) at the start of the round."""
-    total_steps: int
-    """Length of the learning-rate schedule, in inner steps."""
-    max_steps: int
-    """Inner steps to take; 0 = train for ``time_budget_s`` instead."""
-    time_budget_s: float
     seed: int
-    """Seed of the site's data order for this run."""
-    inner: dict[str, Any]
-    """The :class:`~atoll.train.inner.InnerConfig` every site trains with, as a dict."""
+    """Seed of the sites' data order for this run."""
+    purpose: str
+    """What the run trains for; a site reads only data whose consent covers it."""
     model_config: dict[str, Any]
     """Hugging Face config of the model (the site builds it on first contact)."""
+    inner: dict[str, Any]
+    """The :class:`~atoll.train.inner.InnerConfig` every site trains with, as a dict."""
     seq_len: int
-    weights: dict[str, torch.Tensor] = field(repr=False)
-    """The global weights, encoded with ``codec_down``."""
-    codec_down: str = "fp32"
-    """How ``weights`` are encoded (:func:`atoll.federation.codecs.parse_spec`)."""
+    total_steps: int
+    """Length of the learning-rate schedule, in inner steps."""
     codec_up: str = "fp32"
-    """How the site must encode its pseudo-gradient."""
+    """How the site must encode its pseudo-gradient (:func:`atoll.federation.codecs.parse_spec`)."""
     error_feedback: bool = True
     """Whether the site carries what ``codec_up`` dropped into its next update."""
     feedback_decay: float = 1.0
     """What the carried residual is scaled by before it joins the next update."""
     fragments: int = 1
     """Streaming sync: the model is cut into this many fragments, one synced per round."""
-    fragment: int = 0
-    """The fragment whose pseudo-gradient the site sends this round."""
-    full: bool = True
-    """``weights`` hold the whole model (replace); else only last round's fragment (merge)."""
     overlap_steps: int = 0
     """Steps the site trains on before merging the fragment (it was on the wire meanwhile)."""
     merge_alpha: float = 0.5
     """After overlap: ``local = alpha * local + (1 - alpha) * global``."""
-    purpose: str = "pretraining"
-    """What the run trains for; the site reads only data whose consent covers it."""
+    keep_weights: bool = False
+    """Delta downlink: keep the received weights, the next plans send changes against them."""
+
+    @property
+    def spec_id(self) -> str:
+        """A short fingerprint of the whole spec: what later plans name it by."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def build_key(self) -> str:
+        """A fingerprint of what a site's model, trainer and data order are built from: saved
+        site state is reused only under the same key (a resumed run that only extends its
+        schedule keeps it)."""
+        parts = [self.run_id, self.model_config, self.inner, self.seq_len, self.seed,
+                 self.codec_up]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()
+                              ).hexdigest()
+
+    @property
+    def streaming(self) -> bool:
+        """Whether rounds sync fragments (or overlap), rather than the whole model at once."""
+        return self.fragments > 1 or self.overlap_steps > 0
+
+
+@dataclass
+class RoundPlan:
+    """Coordinator -> site, every round: from these weights, train this long."""
+
+    run_id: str
+    round: int
+    """1-based number of the round this plan belongs to."""
+    site: str
+    spec_id: str
+    """The :class:`RunSpec` the site trains under (``spec`` holds it when it may not)."""
+    step: int
+    """Global schedule position (inner steps since the run began) at the start of the round."""
+    steps: int
+    """Inner steps to take; 0 = train for ``time_budget_s`` instead."""
+    time_budget_s: float
+    weights: dict[str, torch.Tensor] = field(repr=False)
+    """The global weights (or their change, or one fragment), encoded with ``codec``."""
+    codec: str = "fp32"
+    """How ``weights`` are encoded."""
+    base: int = 0
+    """> 0: ``weights`` is the change to add to the weights received for round ``base``
+    (which this site must hold); 0: the weights themselves."""
+    full: bool = True
+    """``weights`` hold the whole model (replace); else only last round's fragment (merge)."""
     keep_since: int = 0
     """The coordinator's last checkpoint: it may restart from there and repeat later rounds,
     so the site keeps the state it would need to repeat them."""
-    keep_weights: bool = False
-    """Delta downlink: keep the received weights, the next plans send changes against them."""
-    changes_from: int = 0
-    """> 0: ``weights`` is the change to add to the weights received for round
-    ``changes_from`` (which this site must hold); 0: the weights themselves."""
+    spec: RunSpec | None = None
+    """The run spec itself, for a site that may not hold it yet."""
 
 
 @dataclass
@@ -125,10 +161,13 @@ def header(msg: RoundPlan | SiteUpdate) -> dict[str, Any]:
     tensor_field = _TENSOR_FIELD[type(msg)]
     fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)
               if f.name != tensor_field}
+    if isinstance(fields.get("spec"), RunSpec):
+        fields["spec"] = dataclasses.asdict(fields["spec"])
     return {"v": WIRE_VERSION, "type": type(msg).__name__, **fields}
 
 
 def tensors(msg: RoundPlan | SiteUpdate) -> dict[str, torch.Tensor]:
+    """The tensors a message carries (a plan's weights, an update's pseudo-gradient)."""
     return getattr(msg, _TENSOR_FIELD[type(msg)])
 
 
@@ -163,6 +202,8 @@ def from_parts(head: dict[str, Any], blob: bytes, expect: type) -> Any:
         raise WireError(f"expected a {expect.__name__} (wire v{WIRE_VERSION})")
     head[_TENSOR_FIELD[expect]] = named
     try:
+        if isinstance(head.get("spec"), dict):
+            head["spec"] = RunSpec(**head["spec"])
         return expect(**head)
     except TypeError as e:
         raise WireError(f"malformed {expect.__name__}: {e}") from None

@@ -30,7 +30,7 @@ def run_round(coordinator: Coordinator, engine: Engine,
     if on_open is not None:
         on_open(coordinator.round + 1, sites)
     replies, failures = [], []
-    for reply in engine.exchange(plans, coordinator.cfg.deadline_s):
+    for reply in engine.exchange(plans, coordinator.cfg.federation.deadline_s):
         if isinstance(reply, SiteFailure):
             coordinator.reject(reply.site, reply.reason)
             failures.append(reply)

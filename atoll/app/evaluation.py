@@ -1,0 +1,46 @@
+"""What a run evaluates on: each domain's held-out rows, read through consent like training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from atoll.app.run_config import EvalConfig, RunConfig
+from atoll.consent.pool import consent_filter
+from atoll.data.reader import TokenDataset, validation_batches
+from atoll.train.evaluate import validation_loss
+
+
+def held_out_batches(data: str | Path, seq_len: int, e: EvalConfig, purpose: str
+                     ) -> list[torch.Tensor]:
+    """The validation batches a run evaluates on for one prepared data folder (none when it
+    is too small to hold out rows). A pool's held-out rows are its contributors' data too:
+    consent applies."""
+    ds = TokenDataset(data, "val", seq_len)
+    if len(ds) == 0:
+        return []
+    return validation_batches(ds, e.batch_size, e.max_batches, consent_filter(data, purpose))
+
+
+def eval_sets(cfg: RunConfig) -> dict[str, list[torch.Tensor]]:
+    """Domain name -> validation batches: ``eval.sets``, or else each site's held-out rows."""
+    e = cfg.eval
+    sets = [(s.name, s.data) for s in e.sets] or [
+        (s.name, s.data) for s in cfg.sites if s.data and Path(s.data).is_dir()]
+    out = {}
+    for name, data in sets:
+        batches = held_out_batches(data, cfg.data.seq_len, e, cfg.purpose)
+        if batches:
+            out[name] = batches
+    return out
+
+
+def evaluate(model: torch.nn.Module, sets: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Validation loss of ``model`` per domain."""
+    return {name: validation_loss(model, batches) for name, batches in sets.items()}
+
+
+def mean_loss(losses: dict[str, float]) -> float:
+    """The plain mean over domains (each domain counts alike)."""
+    return sum(losses.values()) / len(losses)
