@@ -49,7 +49,7 @@ def test_worker_trains_ahead_while_the_update_travels(demo_data, tmp_path):
                 wait_until(lambda: site._ahead is not None)  # 4 steps trained meanwhile
                 next_batch = site.reader.next_batch
 
-                def counted():
+                def counted(next_batch=next_batch):
                     if threading.current_thread() is not worker._ahead:
                         read_in_round_2.append(1)
                     return next_batch()
