@@ -162,3 +162,11 @@ def test_the_readme_one_round_path_is_true():
         assert tree is not None, f"{path} is not a module of atoll/"
         assert _defined(tree, name), f"{path} defines no {name}"
     assert len({path for path, _ in pairs}) <= 6
+
+
+def test_the_public_names_resolve():
+    """``atoll``'s lazily imported names all point at something real."""
+    import atoll
+
+    for name in atoll.__all__:
+        assert getattr(atoll, name) is not None, name
