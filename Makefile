@@ -1,13 +1,15 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   the demo federation on bundled data, on this CPU
-#   make test   the test suite (what CI runs)
+#   make test   ruff and the whole test suite (what CI runs)
+# and the quick loop while developing:
+#   make check  ruff and the tests not marked slow (under 3 minutes on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 # The CPU build of torch: pinned so that a fresh install never pulls a CUDA build.
 TORCH   = torch==2.13.0
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test check lint bench setup clean
 
 $(BIN)/atoll: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,10 @@ demo: $(BIN)/atoll
 test: $(BIN)/atoll
 	$(BIN)/ruff check atoll bench tests
 	$(BIN)/python -m pytest -q
+
+check: $(BIN)/atoll
+	$(BIN)/ruff check atoll bench tests
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(BIN)/atoll
 	$(BIN)/python bench/overhead.py

@@ -100,20 +100,28 @@ def test_trimmed_mean_edge_cases():
     assert trimmed_mean(x[:2], 0.4).item() == 1.5  # two: nothing to trim
 
 
-def test_centered_clipping_pulls_in_an_outlier_and_keeps_the_bulk():
-    honest = [{"w": torch.full((10,), 1.0) + 0.01 * i} for i in range(4)]
-    hostile = {"w": torch.full((10,), -1000.0)}
-    agg = RobustAggregate(AggregationConfig(rule="centered_clip"))
-    for u in [*honest, hostile]:
-        agg.add(u, weight=1.0)
-    out = agg.result()["w"]
-    # plain mean would be about -199; the outlier moves the result by at most tau / 5
-    assert (out - 1.015).abs().max() < 0.02, out
-    # with no outlier it is the (weighted) mean up to the clipping of the spread
-    agg = RobustAggregate(AggregationConfig(rule="centered_clip"))
-    for u in honest:
-        agg.add(u, weight=1.0)
-    torch.testing.assert_close(agg.result()["w"], torch.full((10,), 1.015), atol=0.01, rtol=0)
+@pytest.mark.parametrize("far", [6.0, 6000.0])
+@pytest.mark.parametrize("weights, want", [
+    # equal weights: tau is |0 - v| in every pass and the clipped steps sum to 3 - v, so
+    # v <- v + (3 - v) / 5: 2 -> 2.2 -> 2.36 -> 2.488 (the median is 2, the mean 2.8)
+    ([1.0] * 5, 2.488),
+    # the last update counts twice (total 6): tau 2, 2.5, 2 and steps 3/6, 3/6, 1/6:
+    # 2 -> 2.5 -> 3 -> 19/6 (the weighted mean is 20/6)
+    ([1.0, 1.0, 1.0, 1.0, 2.0], 19 / 6),
+])
+def test_centered_clipping_matches_the_rule_worked_by_hand(weights, want, far):
+    """Centered clipping (Karimireddy et al. 2021) as robust.py applies it: start at the
+    coordinate-wise median, then three passes of v <- v + sum_i w_i clip(x_i - v, tau) /
+    sum_i w_i, with tau the median distance |x_i - v| of the pass. Updates 0, 1, 2, 5 and
+    ``far``, each cut into two tensors along the unit vector (0.6, 0.8), so that |x_i - v|
+    is the distance over the whole update. The last one is clipped in every pass, so how far
+    away it is does not matter (the mean would follow it past 1200 for far = 6000)."""
+    agg = RobustAggregate(AggregationConfig(rule="centered_clip", clip_iterations=3))
+    for x, w in zip([0.0, 1.0, 2.0, 5.0, far], weights, strict=True):
+        agg.add({"a": torch.tensor([0.6 * x]), "b": torch.tensor([0.8 * x])}, weight=w)
+    out = agg.result()
+    torch.testing.assert_close(out["a"], torch.tensor([0.6 * want]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["b"], torch.tensor([0.8 * want]), rtol=0, atol=1e-5)
 
 
 def test_dp_noise_has_the_configured_scale_and_updates_are_clipped():
@@ -162,6 +170,7 @@ def test_dp_needs_the_mean():
                               "aggregation": {"rule": "median"}}).check()
 
 
+@pytest.mark.slow  # two 10-round runs: about 40 s on 2 cores
 def test_a_canary_is_memorised_without_dp_and_hidden_with_it(demo_data, tmp_path):
     """The Secret Sharer test (Carlini et al. 2019): one site's text carries "The vault code
     is <10 random characters>" every 400 characters. After 10 rounds the secret's

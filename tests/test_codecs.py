@@ -26,17 +26,20 @@ def random_tensors(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, t
             for i, s in enumerate(SHAPES)}
 
 
-def block_max(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Each entry's block absmax: the scale its quantisation error is bounded by."""
+def per_block(x: torch.Tensor, block: int, reduce: str = "amax") -> torch.Tensor:
+    """Each entry's block absmax (or mean |value|, the last block padded with zeros): the
+    scale its quantisation error is bounded by."""
     flat = x.float().reshape(-1)
     pad = torch.zeros(-(-flat.numel() // block) * block)
     pad[: flat.numel()] = flat.abs()
-    return pad.reshape(-1, block).amax(1).repeat_interleave(block)[: flat.numel()]
+    blocks = pad.reshape(-1, block)
+    stat = blocks.amax(1) if reduce == "amax" else blocks.mean(1)
+    return stat.repeat_interleave(block)[: flat.numel()]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind, bound", [("fp32", 0.0), ("bf16", 2**-8), ("int8", 1 / 254),
-                                         ("int4", 1 / 14), ("int2", 1 / 3), ("sign", 1.0)])
+                                         ("int4", 1 / 14), ("int2", 1 / 3), ("sign", None)])
 def test_round_trip_error_is_bounded(kind, bound, dtype):
     cfg = CodecConfig(kind=kind, block=16)
     x = random_tensors(0, dtype)
@@ -44,10 +47,16 @@ def test_round_trip_error_is_bounded(kind, bound, dtype):
     for k, v in x.items():
         assert y[k].shape == v.shape and y[k].dtype == torch.float32
         err = (y[k] - v.float()).abs().reshape(-1)
-        if kind == "bf16":  # relative to each value
+        if kind == "fp32":  # lossless: every value back exactly
+            assert torch.equal(y[k], v.float()), k
+        elif kind == "bf16":  # relative to each value
             assert (err <= bound * v.float().abs().reshape(-1) + 1e-30).all(), k
+        elif kind == "sign":  # |v| comes back as the block's mean m: off by at most
+            # max(m, absmax - m), less than the absmax that decoding to zero is off by
+            m, top = per_block(v, 16, "mean"), per_block(v, 16)
+            assert (err <= torch.maximum(m, top - m) * (1 + 1e-5) + 1e-30).all(), k
         else:  # relative to the block's largest value
-            assert (err <= bound * block_max(v, 16) * (1 + 1e-5) + 1e-30).all(), k
+            assert (err <= bound * per_block(v, 16) * (1 + 1e-5) + 1e-30).all(), k
 
 
 def test_topk_keeps_the_largest_entries():
@@ -139,7 +148,11 @@ def test_wire_sizes_shrink_as_promised():
                                   "int2/64+top0.1", "int2/64+rand0.25", "sign/64"])
 def test_error_feedback_sum_of_decoded_follows_sum_of_true(spec):
     """Deltas with a steady drift plus noise: with error feedback the decoded updates add up
-    to the true total (relative error shrinking like 1/rounds); without it they do not."""
+    to the true total, the relative error shrinking like 1/rounds (a quarter at four times
+    the rounds). Without it, what the codec drops is lost: the error of the sum shrinks at
+    best like 1/sqrt(rounds) (half), when the rounding errors of a dense codec average out,
+    and not at all where the codec drops the same part every round (top-k, random places,
+    sign: the drift's small entries, or its magnitudes)."""
     cfg = parse_spec(spec)
     g = torch.Generator().manual_seed(0)
     drift = torch.randn(300, generator=g) * 0.01
@@ -153,11 +166,14 @@ def test_error_feedback_sum_of_decoded_follows_sum_of_true(spec):
         ef_sum += decode(ef.encode(delta, cfg, seed=t), {"w": (300,)}, cfg, seed=t)["w"]
         plain_sum += decode(encode(delta, cfg, seed=t), {"w": (300,)}, cfg, seed=t)["w"]
         if t == 49:
-            early = rel(ef_sum)
-    # the gap is exactly the last residual, which stays the size of one round's error
-    torch.testing.assert_close(true_sum - ef_sum, ef.residual["w"], rtol=0, atol=1e-4)
-    assert rel(ef_sum) < 0.05 and rel(ef_sum) < early / 2  # shrinking like 1/rounds
-    assert rel(ef_sum) < rel(plain_sum) / 3 or rel(plain_sum) < 0.02
+            early, early_plain = rel(ef_sum), rel(plain_sum)
+    # the gap is exactly the last residual (up to float sums), one round's error in size
+    torch.testing.assert_close(true_sum - ef_sum, ef.residual["w"], rtol=0, atol=1e-5)
+    assert rel(ef_sum) < 0.05 and rel(ef_sum) < early / 3  # shrinking like 1/rounds
+    assert rel(plain_sum) > early_plain / 2.5  # at best like 1/sqrt(rounds)
+    if cfg.topk or cfg.kind == "sign":
+        assert rel(plain_sum) > 0.9 * early_plain  # not at all
+    assert rel(ef_sum) < rel(plain_sum) / 10
 
 
 def test_error_feedback_decay_fades_what_stays_unsent():
@@ -234,17 +250,43 @@ def _rounds(out):
 
 
 def test_delta_downlink_in_fp32_is_the_plain_downlink(demo_data, tmp_path):
-    """Sending changes losslessly gives the weights sending them whole gives (up to float
-    rounding of copy + change), also for a site that missed a round and gets them whole."""
-    fed = {"rounds": 4, "sites_per_round": 2}
-    plain = simulate(small_config(demo_data, ["code", "scripture", "speeches"], federation=fed),
-                     tmp_path / "a", report=False)
-    delta = simulate(small_config(demo_data, ["code", "scripture", "speeches"], federation=fed,
-                                  comm={"down": {"kind": "fp32", "delta": True}}),
-                     tmp_path / "b", report=False)
-    for n, w in plain.coordinator.weights.items():
-        torch.testing.assert_close(delta.coordinator.weights[n], w, atol=1e-4, rtol=0)
-    assert all(not r["rejected"] for r in _rounds(tmp_path / "b"))
+    """Changes sent losslessly: every round the copy the sites train from is exactly the
+    copy they held plus the exact change, ``old + (global - old)``, which is the global
+    weights the plain downlink sends up to one float rounding of that sum (none where old
+    and global are within a factor 2: Sterbenz). Also for a site that missed a round and
+    gets the copy whole. (The two runs then drift apart by more: AdamW's first steps
+    magnify differences of one ulp.)"""
+    from atoll.engines.local import LocalEngine
+    from atoll.federation.rounds import run_round
+
+    names = ["code", "scripture", "speeches"]
+    cfg = small_config(demo_data, names, federation={"rounds": 4, "sites_per_round": 2},
+                       comm={"down": {"kind": "fp32", "delta": True}})
+    run = Run(cfg, tmp_path / "run")
+    sites = {n: Site(n, demo_data[n], tmp_path / "state" / n) for n in names}
+    engine = LocalEngine(list(sites.values()))
+    coord, taken = run.coordinator, []
+    try:
+        for _ in range(4):
+            weights = {n: w.clone() for n, w in coord.weights.items()}
+            last = coord.downlink.held  # the copy the sites of the last round hold
+            old = None if last is None else {n: w.clone() for n, w in last.items()}
+            report = run_round(coord, engine)
+            assert sorted(report.outcome.accepted) == sorted(report.outcome.planned), report
+            held = coord.downlink.held
+            for n, w in weights.items():
+                want = w if old is None else old[n] + (w - old[n])
+                assert torch.equal(held[n], want), n
+                if old is not None:  # the rounding of old + change, at most
+                    assert ((held[n] - w).abs() <= 2**-23 * (old[n].abs() + w.abs())).all()
+            for s in report.outcome.accepted:
+                assert all(torch.equal(sites[s].anchor[n], held[n]) for n in held), s
+            taken.append(set(report.outcome.accepted))
+    finally:
+        engine.close()
+        run.close()
+    # some site had not taken part in the round before: it got the copy whole
+    assert any(now - before for before, now in zip(taken, taken[1:], strict=False))
 
 
 def test_delta_downlink_int4_shrinks_the_downlink_and_keeps_training(demo_data, tmp_path):
@@ -279,7 +321,7 @@ def test_a_site_without_the_base_weights_refuses_changes(demo_data, tmp_path):
     cfg = small_config(demo_data, ["code"], comm={"down": {"kind": "int8", "delta": True}})
     run = Run(cfg, tmp_path / "run")
     plan = run.coordinator.open_round(["code"])["code"]
-    plan.changes_from = 7  # as if the site held round 7's weights
+    plan.base = 7  # as if the site held round 7's weights
     site = Site("code", demo_data["code"], tmp_path / "state")
     with pytest.raises(ValueError, match="holds the weights of round none.*against round 7"):
         site.run(plan)

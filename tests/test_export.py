@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from atoll.app.metrics import read_metrics
@@ -30,6 +31,10 @@ def test_exported_model_reloads_and_matches_coordinator_loss(demo_data, tmp_path
     ids = tok("def ", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] == ids.shape[1] + 20
-    assert isinstance(tok.decode(out[0]), str)
+    assert tok.decode(out[0, : ids.shape[1]]) == "def "  # the saved tokenizer reads it back
+    # greedy: each new token is the most likely one after all before it (one full pass)
+    with torch.no_grad():
+        logits = model(input_ids=out[:, :-1]).logits
+    assert torch.equal(out[0, ids.shape[1]:], logits[0, ids.shape[1] - 1:].argmax(-1))
     assert (tmp_path / "run" / "report.html").exists()
     assert (tmp_path / "run" / "plots" / "validation_loss.png").read_bytes()[:4] == b"\x89PNG"

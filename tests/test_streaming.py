@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from atoll.app.metrics import read_metrics
+from atoll.app.run import Run
 from atoll.app.simulate import simulate
 from atoll.data.reader import PackedReader, TokenDataset
+from atoll.engines.local import LocalEngine
 from atoll.federation.fragments import fragment_of_round, split_fragments
-from atoll.federation.site import data_seed
+from atoll.federation.rounds import run_round
+from atoll.federation.site import Site, data_seed
 from atoll.model import ModelConfig
 from atoll.tokenizer import byte_tokenizer
 from tests.conftest import small_config
@@ -72,16 +75,50 @@ def test_fragments_cut_the_bytes_per_round(demo_data, tmp_path):
 
 
 def test_overlap_trains_before_merging(demo_data, tmp_path):
-    """Overlap changes the numbers (the merge mixes in steps taken meanwhile) but not the
-    amount of work: every round still takes steps_per_round steps per site."""
-    base = {"rounds": 3, "steps_per_round": 4, "fragments": 2}
-    plain = simulate(small_config(demo_data, ["code", "scripture"], federation=base),
-                     tmp_path / "a", report=False)
-    over = simulate(small_config(demo_data, ["code", "scripture"],
-                                 federation={**base, "overlap_steps": 2}),
-                    tmp_path / "b", report=False)
-    sites = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "site"]
-    assert all(r["steps"] == 4 and r["accepted"] for r in sites)
-    assert over.coordinator.step == plain.coordinator.step == 12
-    assert any(not torch.equal(plain.coordinator.weights[n], w)
-               for n, w in over.coordinator.weights.items())
+    """Overlap: in round 2 the site first trains 2 of its 4 steps (while fragment 0, synced
+    in round 1, is on the wire), then merges it, local = alpha * local + (1 - alpha) *
+    global, and trains the other 2. Fragment 1 is left as the site trained it. Checked by
+    hand on the weights the site's trainer had when the overlap ended and when it resumed."""
+    cfg = small_config(demo_data, ["code"],
+                       federation={"rounds": 2, "steps_per_round": 4, "fragments": 2,
+                                   "overlap_steps": 2, "merge_alpha": 0.25})
+    run = Run(cfg, tmp_path / "run")
+    site = Site("code", demo_data["code"], tmp_path / "state")
+    engine = LocalEngine([site])
+    try:
+        run_round(run.coordinator, engine)  # round 1: the whole model down, no overlap
+        sent = {n: w.clone() for n, w in run.coordinator.weights.items()}  # round 2's plan
+        stretches = record_stretches(site.trainer)
+        second = run_round(run.coordinator, engine)
+    finally:
+        engine.close()
+        run.close()
+    groups = split_fragments(sent, 2)
+    assert [steps for _, _, steps in stretches] == [2, 2]
+    assert [r.steps for r in second.replies] == [4] and second.outcome.accepted == ["code"]
+    overlap_end, merged = stretches[0][1], stretches[1][0]
+    moved = max((overlap_end[n] - sent[n]).abs().max().item() for n in groups[0])
+    assert moved > 1e-3  # the site's fragment 0 is not the global one: the merge shows
+    for n in groups[0]:
+        want = 0.25 * overlap_end[n] + 0.75 * sent[n]
+        torch.testing.assert_close(merged[n], want, rtol=0, atol=1e-6)  # ulps
+    for n in groups[1]:
+        assert torch.equal(merged[n], overlap_end[n]), n
+
+
+def record_stretches(trainer) -> list[tuple[dict, dict, int]]:
+    """Wrap ``trainer.run``: for each stretch of training, the model's weights before and
+    after it and the steps it took."""
+    stretches, inner = [], trainer.run
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    def run(*args, **kwargs):
+        before = weights()
+        result = inner(*args, **kwargs)
+        stretches.append((before, weights(), result.steps))
+        return result
+
+    trainer.run = run
+    return stretches
