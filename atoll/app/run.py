@@ -84,7 +84,7 @@ class Run:
         load_weights(model, init)
         return CentralisedBaseline(kind, model, self.cfg.inner, [s.data for s in self.cfg.sites],
                                    self.cfg.data.seq_len, self.cfg.seed, self.cfg.total_steps,
-                                   purpose=self.cfg.purpose)
+                                   purpose=self.cfg.purpose, device=self.cfg.device)
 
     # -- the loop --------------------------------------------------------------------------
 

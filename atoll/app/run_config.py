@@ -21,6 +21,7 @@ from atoll.federation.settings import FederationConfig
 from atoll.ledger.credit import CreditConfig
 from atoll.model import ModelConfig
 from atoll.train.baselines import BASELINE_KINDS
+from atoll.train.device import check_device_name
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig
 
@@ -153,6 +154,9 @@ class RunConfig:
     """What this run trains for: a site reads only contributions whose consent covers it."""
     threads: int = 0
     """Torch CPU threads (0 = all cores)."""
+    device: str = "auto"
+    """Simulation: where the sites (and baselines) train: ``auto`` (CUDA when present),
+    ``cpu``, ``cuda`` or ``cuda:N``. A deployed site names its own (``atoll site --device``)."""
     parallel: bool = False
     """Local engine: run the sites at the same time in threads, so deadlines are real."""
     tokenizer: str = ""
@@ -173,7 +177,9 @@ class RunConfig:
     sites: list[SiteConfig] = field(default_factory=list)
 
     def check(self) -> None:
-        """Refuse settings that are each fine but do not go together."""
+        """Refuse settings that are each fine but do not go together (and a device name
+        atoll does not know)."""
+        check_device_name(self.device)
         names = [s.name for s in self.sites]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -10,15 +10,17 @@ from atoll.app.run import Run
 from atoll.app.run_config import RunConfig
 from atoll.engines.local import LocalEngine
 from atoll.federation.faults import make_site
+from atoll.train.device import resolve_device
 
 
 def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,
              progress: Progress | None = None, report: bool = True) -> Run:
     """Run (or resume) the federation described by ``cfg`` into ``out``; returns the run."""
     progress = progress or Progress(quiet=True)
+    resolve_device(cfg.device)  # no CUDA where it was asked for: say so before writing
     run = Run(cfg, out, resume=resume, progress=progress)
     sites = [make_site(s.name, s.data, run.out / "sites" / s.name, pace_s=s.pace_s,
-                       fault=s.fault) for s in cfg.sites]
+                       fault=s.fault, device=cfg.device) for s in cfg.sites]
     steps = cfg.federation.steps_per_round
     rounds = cfg.federation.rounds
 

@@ -55,7 +55,7 @@ def cmd_site(args: argparse.Namespace) -> int:
                        key=Path(args.key) if args.key else None,
                        ca=Path(args.ca) if args.ca else None, insecure=args.insecure,
                        state=Path(args.state) if args.state else None, threads=args.threads,
-                       fault=args.fault or "", max_wait_s=args.max_wait)
+                       device=args.device, fault=args.fault or "", max_wait_s=args.max_wait)
     return serve_site(opts)
 
 
@@ -139,6 +139,8 @@ def _add_site(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ca", help="the federation's ca.crt")
     t.add_argument("--state", help="where the site keeps its state (default ./atoll-state/NAME)")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    t.add_argument("--device", default="auto",
+                   help="where to train: auto (CUDA when present), cpu, cuda or cuda:N")
     t.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     t.add_argument("--max-wait", type=float, default=0.0,
                    help="give up after this many seconds without a connection (0 = never)")

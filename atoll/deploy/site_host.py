@@ -37,6 +37,8 @@ class SiteOptions:
     state: Path | None = None
     """Where the site keeps its state (default: ./atoll-state/NAME)."""
     threads: int = 0
+    device: str = "auto"
+    """Where this site trains: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
     fault: str = ""
     """Testing only: make this site misbehave (see atoll.federation.faults)."""
     max_wait_s: float = 0.0
@@ -44,7 +46,11 @@ class SiteOptions:
 
     def resolve(self) -> None:
         """Fill in the defaults that follow from the others (name, state, key paths) and
-        refuse a secure setup without a key and CA that exist."""
+        refuse a secure setup without a key and CA that exist, or a device this machine
+        does not have."""
+        from atoll.train.device import resolve_device
+
+        resolve_device(self.device)
         self.name = self.name or self.data.resolve().name
         self.state = self.state or Path("atoll-state") / self.name
         if self.insecure:
@@ -149,5 +155,6 @@ def _start_worker(o: SiteOptions, log: Callable[[str], None]) -> SiteWorker:
             f"{update['tokens']} tokens, loss {update['train_loss']:.4f}, "
             f"{update['seconds']:.1f}s")
 
-    site = make_site(o.name, o.data, o.state, fault=o.fault)
+    site = make_site(o.name, o.data, o.state, fault=o.fault, device=o.device)
+    log(f"site {o.name}: training on {site.device}")
     return SiteWorker(site, o.state, on_round=on_round).start()

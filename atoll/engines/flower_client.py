@@ -1,11 +1,12 @@
 """A site as a Flower ClientApp (the coordinator's ServerApp is :mod:`atoll.app.flower_server`).
 
 The SuperNode's ``--node-config`` says who the site is: ``name``, ``data`` (a prepared
-directory), ``state`` (a directory of its own), and ``worker = true`` when ``atoll site``
-runs a site worker beside it (:mod:`atoll.engines.site_worker`). Flower starts a fresh ClientApp
-process for every message, so with a worker the ClientApp is a thin shim that passes bytes
-to the long-lived trainer and back, without importing torch; without one it trains in its
-own process, rebuilding from the state directory every round.
+directory), ``state`` (a directory of its own), ``device`` (where it trains without a worker;
+default ``auto``), and ``worker = true`` when ``atoll site`` runs a site worker beside it
+(:mod:`atoll.engines.site_worker`). Flower starts a fresh ClientApp process for every
+message, so with a worker the ClientApp is a thin shim that passes bytes to the long-lived
+trainer and back, without importing torch; without one it trains in its own process,
+rebuilding from the state directory every round.
 
 Keep this module's top level light: every ClientApp process imports it.
 """
@@ -48,7 +49,8 @@ def site_main(msg: Message, context: Context) -> Message:
         if int(node.get("threads", 0)) > 0:
             torch.set_num_threads(int(node["threads"]))
         site = make_site(str(node["name"]), str(node["data"]), str(node["state"]),
-                         fault=str(node.get("fault", "")))
+                         fault=str(node.get("fault", "")),
+                         device=str(node.get("device", "auto")))
         reply, out = site.answer(head, blob)
     payload = pack(out, store, f"{head['run_id']}/round-{head['round']:05d}/{node['name']}.update")
     payload["update"] = ConfigRecord({"header": json.dumps(reply)})

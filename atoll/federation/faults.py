@@ -64,9 +64,9 @@ class FaultySite(Site):
     (``stale``, ``garbage``). Everything else is an honest :class:`Site`."""
 
     def __init__(self, name: str, data_dir: str | Path, state_dir: str | Path, fault: str,
-                 pace_s: float = 0.0) -> None:
+                 pace_s: float = 0.0, device: str = "cpu") -> None:
         check_fault(fault)
-        super().__init__(name, data_dir, state_dir, pace_s)
+        super().__init__(name, data_dir, state_dir, pace_s, device)
         self.fault = fault
         self._first_sent: dict[str, torch.Tensor] | None = None
 
@@ -99,8 +99,9 @@ class FaultySite(Site):
 
 
 def make_site(name: str, data_dir: str | Path, state_dir: str | Path, *, pace_s: float = 0.0,
-              fault: str = "") -> Site:
-    """An honest :class:`Site`, or a :class:`FaultySite` when ``fault`` names one."""
+              fault: str = "", device: str = "cpu") -> Site:
+    """An honest :class:`Site`, or a :class:`FaultySite` when ``fault`` names one, training
+    on ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
     if fault:
-        return FaultySite(name, data_dir, state_dir, fault, pace_s)
-    return Site(name, data_dir, state_dir, pace_s)
+        return FaultySite(name, data_dir, state_dir, fault, pace_s, device)
+    return Site(name, data_dir, state_dir, pace_s, device)

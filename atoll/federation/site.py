@@ -12,6 +12,10 @@ any round. One round is a pipeline of five stages (:meth:`Site.run`):
 3. **pseudo-gradient**: ``theta - theta_site`` for the tensors synced this round;
 4. **encode** it with the uplink codec, carrying what it drops to the next round;
 5. **sign**: save the round's state, and sign a receipt of what was read.
+
+The site trains on its own ``device`` (:mod:`atoll.train.device`); weights cross to it once
+a round (the received ones in) and back once (the trained ones out, to form the
+pseudo-gradient on the host in fp32), so what is encoded and sent never depends on it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from atoll.federation.protocol import (
 from atoll.federation.site_state import SiteState, data_seed
 from atoll.ledger.receipts import build_receipt, sign_receipt
 from atoll.ledger.signing import Signer
+from atoll.train.device import resolve_device, to_device_all, to_host
 from atoll.train.inner import TrainResult
 from atoll.util.errors import WireError
 
@@ -50,12 +55,13 @@ class Site:
     """One member of a federation, with data that never leaves it."""
 
     def __init__(self, name: str, data_dir: str | Path, state_dir: str | Path,
-                 pace_s: float = 0.0) -> None:
+                 pace_s: float = 0.0, device: str = "cpu") -> None:
         self.name = name
         self.pace_s = pace_s  # emulated hardware: every inner step takes at least this long
         self.data_dir = Path(data_dir)
         self.state_dir = Path(state_dir)
-        self.state = SiteState(name, self.data_dir, self.state_dir)
+        self.device = resolve_device(device)  # this machine's: auto, cpu, cuda, cuda:N
+        self.state = SiteState(name, self.data_dir, self.state_dir, self.device)
         # trained between rounds: (after round, results, the sources consent allowed then)
         self._ahead: tuple[int, list[TrainResult], set[int] | None] | None = None
         self._allowed: set[int] | None = None  # sources consent lets this round read
@@ -157,9 +163,9 @@ class Site:
         alpha = spec.merge_alpha if results else 0.0
         params = dict(st.model.named_parameters())
         with torch.no_grad():
-            for n, w in received.items():
+            for n, w in to_device_all(received, self.device).items():
                 params[n].mul_(alpha).add_(w, alpha=1 - alpha)  # local = a*local + (1-a)*w
-                st.anchor[n] = w
+            st.anchor.update(received)  # kept on the host for the pseudo-gradient
         done = sum(r.steps for r in results)
         results.append(st.trainer.run(st.reader.next_batch, plan.steps - done if plan.steps
                                       else 0, plan.time_budget_s, on_step))
@@ -174,8 +180,9 @@ class Site:
         sent = (split_fragments({n: p.shape for n, p in params.items()}, spec.fragments)
                 [fragment_of_round(plan.round, spec.fragments)] if spec.streaming
                 else list(params))
+        trained = to_host({n: params[n] for n in sent})  # fp32 on the host, whatever device
         with torch.no_grad():
-            return {n: st.anchor[n] - params[n].detach() for n in sent}
+            return {n: st.anchor[n] - trained[n] for n in sent}
 
     # -- 4. encode -------------------------------------------------------------------------
 

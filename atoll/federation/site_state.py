@@ -5,6 +5,10 @@ The state is saved after every round under ``state_dir/round-NNNNN``. A plan for
 starts from the newest state saved *before* r, so a round that is repeated (the coordinator
 crashed and resumed) starts from exactly the same place, and the site's process may be a
 fresh one each time (Flower starts one per message).
+
+The model and its AdamW state live on the site's device; the received weights (the anchor
+of the pseudo-gradient), the error-feedback residual and everything saved stay on the host,
+in fp32.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.federation.codecs import ErrorFeedback
 from atoll.federation.protocol import RoundPlan, RunSpec
+from atoll.train.device import to_host
 from atoll.train.inner import InnerConfig, InnerTrainer
 from atoll.util.atomic import write_atomic
 from atoll.util.hashing import seed_of
@@ -39,8 +44,10 @@ def data_seed(run_seed: int, site: str) -> int:
 class SiteState:
     """The objects a site trains with, built for one run spec, and their saved rounds."""
 
-    def __init__(self, name: str, data_dir: Path, state_dir: Path) -> None:
+    def __init__(self, name: str, data_dir: Path, state_dir: Path,
+                 device: torch.device | None = None) -> None:
         self.name = name
+        self.device = device or torch.device("cpu")  # where the model trains
         self.data_dir = Path(data_dir)
         self.state_dir = Path(state_dir)
         self.folders = RoundFolders(self.state_dir)
@@ -51,7 +58,7 @@ class SiteState:
         self.trainer: InnerTrainer | None = None
         self.reader: PackedReader | None = None
         self.feedback = ErrorFeedback()  # what the uplink codec dropped, carried forward
-        self.anchor: dict[str, torch.Tensor] = {}  # the global weights as last received
+        self.anchor: dict[str, torch.Tensor] = {}  # the global weights as last received (host)
         self.yielded_base: dict[int, int] = {}  # reader's rows per source at the last save
         self.keep_anchor = False  # save the received weights too (streaming, delta downlink)
 
@@ -83,7 +90,8 @@ class SiteState:
         if spec.build_key == self._key:
             return
         cfg = AutoConfig.for_model(**spec.model_config)
-        self.model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with self.device:  # made where it trains: no host copy of a large model
+            self.model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         inner = InnerConfig(**spec.inner)
         self.trainer = InnerTrainer(self.model, inner, spec.total_steps)
         dataset = TokenDataset(self.data_dir, "train", spec.seq_len)
@@ -144,7 +152,7 @@ class SiteState:
                  "reader": self.reader.state_dict(), "residual": self.feedback.residual,
                  "saved_at": time.time()}
         if self.keep_anchor:
-            state["local"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            state["local"] = to_host(dict(self.model.named_parameters()))
             state["anchor"] = dict(self.anchor)
         save_state(state, self.folders.path(round_))
         self.yielded_base = dict(self.reader.yielded)

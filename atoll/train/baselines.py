@@ -9,7 +9,8 @@ Two comparisons (as DiLoCo and Photon report them):
   the sites in turn: the most a single machine could make of the tokens.
 
 Both read the union of the sites' data through their own readers (the sites' cursors are not
-touched) and train until they have seen as many tokens as the federation.
+touched) and train until they have seen as many tokens as the federation, on the device
+and in the precision the sites train in.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from atoll.consent.pool import consent_filter
 from atoll.data.reader import PackedReader, TokenDataset
+from atoll.train.device import resolve_device
 from atoll.train.inner import InnerConfig, InnerTrainer, TrainResult
 from atoll.util.hashing import seed_of
 from atoll.util.weights import load_weights
@@ -35,11 +37,11 @@ class CentralisedBaseline:
 
     def __init__(self, kind: str, model: torch.nn.Module, inner: InnerConfig,
                  data_dirs: list[str | Path], seq_len: int, seed: int, total_steps: int,
-                 purpose: str = "pretraining") -> None:
+                 purpose: str = "pretraining", device: str = "cpu") -> None:
         if kind not in BASELINE_KINDS:
             raise ValueError(f"unknown baseline kind {kind!r}")
         self.kind = kind
-        self.model = model
+        self.model = model.to(resolve_device(device))
         n = len(data_dirs)
         steps = total_steps if kind == "data_parallel" else total_steps * n
         self.trainer = InnerTrainer(model, inner, steps)
@@ -83,7 +85,8 @@ class CentralisedBaseline:
     def state_dict(self) -> dict:
         """Weights, optimizer, readers and token count, for the run's checkpoint."""
         return {"kind": self.kind, "tokens": self.tokens, "turn": self._turn,
-                "weights": {n: p.detach().clone() for n, p in self.model.named_parameters()},
+                "weights": {n: p.detach().to("cpu", copy=True)
+                            for n, p in self.model.named_parameters()},
                 "trainer": self.trainer.state_dict(),
                 "readers": [r.state_dict() for r in self.readers]}
 

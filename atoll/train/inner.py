@@ -4,6 +4,10 @@ One optimizer step = ``grad_accum`` micro-batches, gradient clipping, AdamW with
 learning rate of the global step clock. The federated algorithm wraps this loop from outside
 (:mod:`atoll.federation.site`); the loop itself is what a single-machine trainer would do,
 which is what the overhead benchmark and the FedAvg-equals-plain-training test rely on.
+
+It trains on whatever device the model is on (:mod:`atoll.train.device`): batches follow the
+model there, the forward pass runs in the configured precision (bf16 autocast over fp32
+weights and AdamW state, or plain fp32), and on CUDA AdamW is the fused kernel.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from atoll.train.device import PRECISIONS, autocast, prepare_device, resolve_precision, to_device
 from atoll.train.schedule import warmup_cosine
 
 
@@ -41,6 +46,14 @@ class InnerConfig:
     """Micro-batches per optimizer step."""
     reset_state: bool = False
     """Start every round with a fresh AdamW state (DiLoCo) instead of keeping it (Photon)."""
+    precision: str = "auto"
+    """``bf16``: forward and backward in bf16 autocast, weights, gradients and AdamW state
+    in fp32; ``fp32``; ``auto``: bf16 on CUDA, fp32 on a CPU (each site by its own device)."""
+    compile: bool = False
+    """Run the model's forward through ``torch.compile`` (the first steps pay for it)."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them:
+    less memory for about a third more compute; the same gradients."""
 
     def check(self) -> None:
         """Refuse values the trainer cannot use (the loader names the key)."""
@@ -58,6 +71,9 @@ class InnerConfig:
             raise ValueError("inner.beta1 and inner.beta2 must be in [0, 1)")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("inner.grad_clip and inner.weight_decay must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"inner.precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision!r}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -68,10 +84,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_adamw(model: torch.nn.Module, cfg: InnerConfig) -> torch.optim.AdamW:
-    """The inner AdamW over ``model``, weight decay on matrices only (:func:`param_groups`)."""
+def build_adamw(model: torch.nn.Module, cfg: InnerConfig, fused: bool | None = None
+                ) -> torch.optim.AdamW:
+    """The inner AdamW over ``model``, weight decay on matrices only (:func:`param_groups`);
+    ``fused`` (default: when the model is on CUDA) takes torch's one-kernel update."""
+    if fused is None:
+        fused = all(p.device.type == "cuda" for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 @dataclass
@@ -94,12 +114,21 @@ class TrainResult:
 
 
 class InnerTrainer:
-    """AdamW on ``model`` with a warm-up + cosine schedule on a global step clock."""
+    """AdamW on ``model`` with a warm-up + cosine schedule on a global step clock, on the
+    device the model is on."""
 
     def __init__(self, model: torch.nn.Module, cfg: InnerConfig, total_steps: int) -> None:
         self.model = model
         self.cfg = cfg
         self.total_steps = total_steps
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        prepare_device(self.device)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        # the compiled module shares the model's parameters; the model itself stays plain
+        # (its state dict keys, its use for evaluation)
+        self.forward = torch.compile(model) if cfg.compile else model
         self.optimizer = build_adamw(model, cfg)
         self.step = 0  # global schedule position: inner steps since the run began
 
@@ -114,10 +143,15 @@ class InnerTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        total = 0.0
+        losses = []
         for batch in micro_batches:
-            loss = self.model(input_ids=batch, labels=batch).loss / len(micro_batches)
+            batch = to_device(batch, self.device)
+            with autocast(self.device, self.precision):
+                loss = self.forward(input_ids=batch, labels=batch).loss / len(micro_batches)
             loss.backward()
+            losses.append(loss.detach())
+        total = 0.0
+        for loss in losses:  # read once the step's work is queued (one wait on a GPU)
             total += loss.item()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -165,3 +199,12 @@ class InnerTrainer:
     def reset_optimizer(self) -> None:
         """A fresh AdamW state (for sites told not to keep theirs across rounds)."""
         self.optimizer = build_adamw(self.model, self.cfg)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (Hugging Face's
+    gradient checkpointing, non-reentrant: the same gradients as without)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"inner.activation_checkpointing: {type(model).__name__} does not "
+                         f"support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
