@@ -203,8 +203,12 @@ class InnerTrainer:
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer's activations in the backward pass (Hugging Face's
-    gradient checkpointing, non-reentrant: the same gradients as without)."""
+    activation checkpointing, non-reentrant: the same gradients as without)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"inner.activation_checkpointing: {type(model).__name__} does not "
-                         f"support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                         f"support activation checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
