@@ -6,7 +6,7 @@ few large entries carry much of its norm). The error is ||decoded - x|| / ||x||;
 are the real serialized size (safetensors, header included) over the number of values.
 Deterministic (seeded): the same command prints the same figures.
 
-    python bench/codec_error.py [--n 1048576] [--codecs int4/64,int2/128,sign/256]
+    python bench/codec_error.py [--n 1048576] [--codecs int4/64,int2/128,sign/256] [--smoke]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from smoke import parse
 
 from atoll.federation.codecs import decode, encode, parse_spec
 from atoll.federation.protocol import tensor_bytes
@@ -42,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1 << 20, help="values per tensor")
     ap.add_argument("--codecs", default=",".join(CODECS), help="codec specs, comma-separated")
-    args = ap.parse_args()
+    args = parse(ap, {"n": 4096})
     data = samples(args.n)
     print(f"{'codec':<22}{'bits/value':>11}{'vs fp32':>9}" +
           "".join(f"{'error, ' + name:>22}" for name in data))

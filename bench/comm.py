@@ -23,7 +23,7 @@ default is the demo's one-domain-per-site split (non-IID).
 
     python bench/comm.py --mixed [--steps 2400] [--h 25] [--batch 8] [--warm 300]
                          [--jobs 2] [--only fp32,sparse] [--dp-lrs 2e-3,3e-3]
-                         [--lr 3e-3] [--outer diloco|fedavg] [--outer-lr 0.5]
+                         [--lr 3e-3] [--outer diloco|fedavg] [--outer-lr 0.5] [--smoke]
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from smoke import parse
 
+from atoll.app.evaluation import held_out_batches
 from atoll.app.metrics import read_metrics
-from atoll.app.run import held_out_batches
 from atoll.app.run_config import EvalConfig, RunConfig
 from atoll.app.simulate import simulate
 from atoll.config import from_dict
@@ -105,8 +106,10 @@ ROWS = {
                          _SPARSELOCO_UP, {"kind": "fp32"}, "fedavg"),
 }
 OUTER_NAMES = {"diloco": "DiLoCo", "fedavg": "FedAvg outer"}
-# both kinds of row are evaluated on the same held-out batches of every site
-EVAL = EvalConfig(every=10_000, max_batches=8)
+SMOKE = {"steps": 4, "h": 2, "batch": 2, "warm": 2, "dp_lrs": "3e-3",
+         "only": "fp32,sparseloco", "eval_batches": 1, "eval_batch": 2}
+# enough text for every site to hold a validation split, however short the run
+MIN_TOKENS_PER_SITE = 60_000
 
 
 def mean(d: dict[str, float]) -> float:
@@ -125,8 +128,8 @@ def warm_start(dirs: list[Path], steps: int, batch: int, out: Path) -> Path:
     return export(model, tok, out)
 
 
-def data_parallel(dirs: list[Path], warm: Path | None, lr: float, steps: int, batch: int
-                  ) -> tuple[float, int]:
+def data_parallel(dirs: list[Path], warm: Path | None, lr: float, steps: int, batch: int,
+                  ev: EvalConfig) -> tuple[float, int]:
     """Final mean validation loss and bytes of data-parallel training for ``steps`` steps
     (each step: every site's fp32 gradient up, the mean down)."""
     torch.set_num_threads(1)
@@ -138,14 +141,14 @@ def data_parallel(dirs: list[Path], warm: Path | None, lr: float, steps: int, ba
                              total_steps=steps)
     dp.train_to(dp.tokens_per_step * steps)
     purpose = RunConfig().purpose
-    loss = mean({str(d): validation_loss(model, held_out_batches(d, 128, EVAL, purpose))
+    loss = mean({str(d): validation_loss(model, held_out_batches(d, 128, ev, purpose))
                  for d in dirs})
     grad = len(tensor_bytes(dict(model.named_parameters())))
     return loss, steps * len(dirs) * 2 * grad
 
 
 def diloco(sites: dict[str, Path], warm: Path | None, codec: str, outer: dict, lr: float,
-           h: int, steps: int, batch: int, out: Path) -> tuple[float, int]:
+           h: int, steps: int, batch: int, ev: EvalConfig, out: Path) -> tuple[float, int]:
     """Final mean validation loss and bytes on the wire of one federated run (``outer``:
     the outer step's settings)."""
     row = ROWS[codec]
@@ -155,7 +158,7 @@ def diloco(sites: dict[str, Path], warm: Path | None, codec: str, outer: dict, l
         "inner": {"lr": lr, "warmup_steps": 20, "batch_size": batch, "total_steps": steps},
         "outer": outer,
         "federation": {"rounds": steps // h, "steps_per_round": h},
-        "eval": asdict(EVAL), "credit": {"batches": 0},
+        "eval": asdict(ev), "credit": {"batches": 0},
         "baseline": {"kinds": []}, "checkpoint": {"every": 10_000},
         "comm": {"up": row.up, "down": row.down},
         "sites": [{"name": n, "data": str(d)} for n, d in sites.items()]})
@@ -187,7 +190,11 @@ def main() -> None:
     ap.add_argument("--only", default="fp32,int8,int4,sparseloco",
                     help=f"federated rows to run, of {','.join(ROWS)}")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    args = ap.parse_args()
+    ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per site")
+    ap.add_argument("--eval-batch", type=int, default=16, help="rows per validation batch")
+    args = parse(ap, SMOKE)
+    # both kinds of row are evaluated on the same held-out batches of every site
+    ev = EvalConfig(every=10_000, max_batches=args.eval_batches, batch_size=args.eval_batch)
     # the overrides change the outer step of the rows that use --outer's, not of the rows
     # that name their own (SparseLoCo's plain average)
     outer = dict(OUTER[args.outer])
@@ -196,12 +203,12 @@ def main() -> None:
     if args.outer_momentum is not None:
         outer.update(momentum=args.outer_momentum, nesterov=args.outer_momentum > 0)
     tmp = Path(tempfile.mkdtemp(prefix="atoll-comm-"))
-    tokens = (args.steps + args.warm) * args.batch * 128
+    tokens = max(int((args.steps + args.warm) * args.batch * 128 * 1.2), MIN_TOKENS_PER_SITE)
     if args.mixed:
-        dirs = build_mixed_sites(tmp, 4, int(tokens * 1.2), log=lambda s: None)
+        dirs = build_mixed_sites(tmp, 4, tokens, log=lambda s: None)
         sites = {f"site{i}": d for i, d in enumerate(dirs)}
     else:
-        sites = build_demo_data(tmp, tokens_per_domain=int(tokens * 1.2), log=lambda s: None)
+        sites = build_demo_data(tmp, tokens_per_domain=tokens, log=lambda s: None)
     start = time.perf_counter()
     warm = warm_start(list(sites.values()), args.warm, args.batch, tmp / "warm") \
         if args.warm else None
@@ -215,10 +222,10 @@ def main() -> None:
     codecs = [c for c in args.only.split(",") if c]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         dp = {lr: pool.submit(data_parallel, list(sites.values()), warm, lr, args.steps,
-                              args.batch) for lr in dp_lrs}
+                              args.batch, ev) for lr in dp_lrs}
         fed = {c: pool.submit(diloco, sites, warm, c,
                               OUTER[ROWS[c].outer] if ROWS[c].outer else outer,
-                              args.lr, args.h, args.steps, args.batch, tmp / c)
+                              args.lr, args.h, args.steps, args.batch, ev, tmp / c)
                for c in codecs}
         names = {**{f: f"data-parallel lr {lr:g}" for lr, f in dp.items()},
                  **{f: c for c, f in fed.items()}}

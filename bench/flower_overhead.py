@@ -6,7 +6,7 @@
 2. A payload of 100 MB and 1 GB sent to one SuperNode and the same size back, inside Flower
    messages and through a ``file://`` object store (atoll's transport either way).
 
-    python bench/flower_overhead.py [--sizes 100,1000] [--rounds 4] [--steps 20]
+    python bench/flower_overhead.py [--sizes 100,1000] [--rounds 4] [--steps 20] [--smoke]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import tomli_w
+from smoke import parse
 
 from atoll.app.metrics import read_metrics
 from atoll.app.run_config import load_run_config
@@ -31,6 +32,7 @@ from atoll.data.demo import build_demo_data
 from atoll.deploy import flower_cli as fc
 
 SITES = ("code", "scripture", "speeches")
+SMOKE = {"sizes": "1", "rounds": 2, "steps": 2, "batch": 2, "tokens": 40_000, "sites": 2}
 
 
 def round_seconds(run_dir: Path) -> list[float]:
@@ -38,13 +40,15 @@ def round_seconds(run_dir: Path) -> list[float]:
             if r["kind"] == "round" and r["run"] == "federation" and r["round"] > 0]
 
 
-def federation_rounds(tmp: Path, rounds: int, steps: int) -> None:
-    data = build_demo_data(tmp / "data", tokens_per_domain=300_000, log=lambda s: None)
+def federation_rounds(tmp: Path, args: argparse.Namespace) -> None:
+    rounds, steps, sites = args.rounds, args.steps, SITES[: args.sites]
+    data = build_demo_data(tmp / "data", tokens_per_domain=args.tokens, log=lambda s: None)
     tree = {"name": "bench", "seed": 0,
-            "inner": {"batch_size": 16}, "baseline": {"kinds": []},
-            "federation": {"rounds": rounds, "steps_per_round": steps, "min_sites": 3},
+            "inner": {"batch_size": args.batch}, "baseline": {"kinds": []},
+            "federation": {"rounds": rounds, "steps_per_round": steps,
+                           "min_sites": len(sites)},
             "eval": {"every": 1000, "max_batches": 1},
-            "sites": [{"name": s, "data": str(data[s])} for s in SITES]}
+            "sites": [{"name": s, "data": str(data[s])} for s in sites]}
     config = tmp / "fed.toml"
     config.write_text(tomli_w.dumps(tree))
     simulate(load_run_config(config), tmp / "local", report=False)
@@ -55,7 +59,7 @@ def federation_rounds(tmp: Path, rounds: int, steps: int) -> None:
     procs = [subprocess.Popen([*atoll, "coordinator", str(config), "--out", str(tmp / "flower"),
                                "--insecure", "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
-    for s in SITES:
+    for s in sites:
         procs.append(subprocess.Popen(
             [*atoll, "site", "--coordinator", f"127.0.0.1:{port}", "--data", str(data[s]),
              "--name", s, "--insecure", "--threads", "1", "--state", str(tmp / "state" / s)],
@@ -66,7 +70,7 @@ def federation_rounds(tmp: Path, rounds: int, steps: int) -> None:
     flower = round_seconds(tmp / "flower")
     # the first round includes start-up (model build, first connection): report the rest
     lm, fm = statistics.median(local[1:]), statistics.median(flower[1:])
-    print(f"round time, {len(SITES)} sites x {steps} steps (median of rounds 2-{rounds}):")
+    print(f"round time, {len(sites)} sites x {steps} steps (median of rounds 2-{rounds}):")
     print(f"  local engine   {lm:6.2f} s")
     print(f"  Flower         {fm:6.2f} s   ratio Flower / local: {fm / lm:.2f}")
 
@@ -118,11 +122,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-rounds", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--batch", type=int, default=16, help="rows of 128 tokens per step")
+    ap.add_argument("--tokens", type=int, default=300_000, help="tokens of data per site")
+    ap.add_argument("--sites", type=int, default=len(SITES), choices=range(1, len(SITES) + 1),
+                    help="sites in the federation")
+    args = parse(ap, SMOKE)
     tmp = Path(tempfile.mkdtemp(prefix="atoll-flower-bench-"))
     try:
         if not args.skip_rounds:
-            federation_rounds(tmp, args.rounds, args.steps)
+            federation_rounds(tmp, args)
         payloads(tmp, [float(s) for s in args.sizes.split(",") if s])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

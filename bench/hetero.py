@@ -11,7 +11,7 @@ Both get the same number of rounds, i.e. the same wall time. Prints the federati
 per second as a fraction of the sum of the sites' standalone throughputs, and the final
 mean validation loss.
 
-    python bench/hetero.py [--pace 0.2] [--h 10] [--rounds 8]
+    python bench/hetero.py [--pace 0.2] [--h 10] [--rounds 8] [--smoke]
 """
 
 from __future__ import annotations
@@ -20,37 +20,38 @@ import argparse
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
+
+from one_site import OneSite
+from smoke import parse
 
 from atoll.app.metrics import read_metrics
 from atoll.app.run_config import RunConfig
 from atoll.app.simulate import simulate
 from atoll.config import from_dict
 from atoll.data.demo import DOMAINS, build_demo_data
-from atoll.federation.codecs import CodecConfig, encode
-from atoll.federation.protocol import RoundPlan
-from atoll.federation.site import Site
-from atoll.model import ModelConfig
-from atoll.tokenizer import byte_tokenizer
-from atoll.train.inner import InnerConfig
 
 BATCH, SEQ = 8, 64
+SMOKE = {"pace": 0.02, "h": 2, "rounds": 2, "tokens": 40_000, "eval_batches": 1}
 
 
-def standalone_tokens_per_s(data: Path, pace: float, steps: int, tmp: Path) -> float:
-    """One site alone, training ``steps`` steps at ``pace``."""
-    model = ModelConfig().build(byte_tokenizer())
-    inner = InnerConfig(batch_size=BATCH)
-    site = Site("alone", data, tmp / f"alone-{pace}", pace_s=pace)
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plan = RoundPlan(run_id="alone", round=1, site="alone", step=0, total_steps=steps,
-                     max_steps=steps, time_budget_s=0, seed=0, inner=asdict(inner),
-                     model_config=model.config.to_dict(), seq_len=SEQ,
-                     weights=encode(weights, CodecConfig()))
-    start = time.perf_counter()
-    update = site.run(plan)
-    return update.tokens / (time.perf_counter() - start)
+def standalone_tokens_per_s(domain: str, data: Path, pace: float, steps: int, tmp: Path
+                            ) -> float:
+    """One site alone, training ``steps`` steps at ``pace`` (one round, model building
+    included, as a site's first round in the federation)."""
+    name = f"alone-{domain}"
+    cfg = from_dict(RunConfig, {
+        "name": name, "seed": 0, "data": {"seq_len": SEQ}, "inner": {"batch_size": BATCH},
+        "federation": {"rounds": 1, "steps_per_round": steps},
+        "eval": {"every": 10_000, "max_batches": 1}, "credit": {"batches": 0},
+        "baseline": {"kinds": []},
+        "sites": [{"name": "alone", "data": str(data), "pace_s": pace}]})
+    one = OneSite(cfg, tmp / name)
+    try:
+        update, seconds = one.round()
+    finally:
+        one.close()
+    return update.tokens / seconds
 
 
 def main() -> None:
@@ -58,12 +59,14 @@ def main() -> None:
     ap.add_argument("--pace", type=float, default=0.2, help="seconds per step, fast sites")
     ap.add_argument("--h", type=int, default=10, help="steps per round of the slow site")
     ap.add_argument("--rounds", type=int, default=8)
-    args = ap.parse_args()
+    ap.add_argument("--tokens", type=int, default=400_000, help="tokens of data per site")
+    ap.add_argument("--eval-batches", type=int, default=4, help="validation batches per site")
+    args = parse(ap, SMOKE)
     tmp = Path(tempfile.mkdtemp(prefix="atoll-hetero-"))
-    data = build_demo_data(tmp / "data", tokens_per_domain=400_000, seq_len=SEQ,
+    data = build_demo_data(tmp / "data", tokens_per_domain=args.tokens, seq_len=SEQ,
                            log=lambda s: None)
     paces = {d: args.pace * (4 if d == "code" else 1) for d in DOMAINS}
-    alone = {d: standalone_tokens_per_s(data[d], paces[d], args.h, tmp) for d in DOMAINS}
+    alone = {d: standalone_tokens_per_s(d, data[d], paces[d], args.h, tmp) for d in DOMAINS}
     total_alone = sum(alone.values())
     print("standalone tokens/s: " + ", ".join(f"{d} {v:,.0f}" for d, v in alone.items())
           + f"; sum {total_alone:,.0f}")
@@ -76,7 +79,7 @@ def main() -> None:
                                                  "total_steps": args.rounds * args.h * 4},
             "outer": {"lr": 1.0, "momentum": 0.0, "nesterov": False},
             "federation": {"rounds": args.rounds, **federation},
-            "eval": {"every": 10_000, "max_batches": 4}, "credit": {"batches": 0},
+            "eval": {"every": 10_000, "max_batches": args.eval_batches}, "credit": {"batches": 0},
             "baseline": {"kinds": []},
             "sites": [{"name": d, "data": str(data[d]), "pace_s": paces[d]} for d in DOMAINS]})
         start = time.perf_counter()

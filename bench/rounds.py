@@ -4,7 +4,7 @@ Same data, model and token budget for every row (the demo's four non-IID sites);
 inner steps per round (H) and the outer optimizer change. Prints each federation's final mean
 validation loss against the data-parallel baseline at equal tokens, trained once.
 
-    python bench/rounds.py [--tokens-millions 1.64] [--only H3-fedavg,H5-fedavg]
+    python bench/rounds.py [--tokens-millions 1.64] [--only H3-fedavg,H5-fedavg] [--smoke]
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+
+from smoke import parse
 
 from atoll.app.run_config import load_run_config
 from atoll.app.simulate import simulate
@@ -32,6 +34,8 @@ VARIANTS = {
     "H4-fedavg": (4, FEDAVG),
     "H3-fedavg": (3, FEDAVG),
 }
+SMOKE = {"tokens_millions": 0.0052, "batch": 1, "eval_batches": 1,
+         "only": "H3-fedavg,H5-nesterov-0.7-0.9"}
 
 
 def mean(d: dict[str, float]) -> float:
@@ -42,11 +46,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens-millions", type=float, default=1.6384)
     ap.add_argument("--only", default="", help="comma-separated variant names")
-    args = ap.parse_args()
+    ap.add_argument("--batch", type=int, default=16,
+                    help="rows of 128 tokens per step and per validation batch")
+    ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per site")
+    args = parse(ap, SMOKE)
     tmp = Path(tempfile.mkdtemp(prefix="atoll-rounds-"))
     data = tmp / "data"
     build_demo_data(data, log=lambda s: None)
-    per_site_step = 16 * 128 * 4  # batch x seq_len x sites
+    per_site_step = args.batch * 128 * 4  # batch x seq_len x sites
     total_steps = round(args.tokens_millions * 1e6 / per_site_step)
     print(f"{args.tokens_millions:.2f}M tokens: {total_steps} inner steps per site")
     with resources.as_file(resources.files("atoll") / "configs" / "demo.toml") as path:
@@ -54,8 +61,10 @@ def main() -> None:
             rounds = total_steps // h
             cfg = load_run_config(path, [
                 f"federation.rounds={rounds}", f"federation.steps_per_round={h}",
-                f"eval.every={rounds}", "baseline.kinds=" + ("['data_parallel']" if baseline
-                                                              else "[]"), *outer], base=data)
+                f"eval.every={rounds}", f"eval.max_batches={args.eval_batches}",
+                f"inner.batch_size={args.batch}", f"eval.batch_size={args.batch}",
+                "baseline.kinds=" + ("['data_parallel']" if baseline else "[]"), *outer],
+                base=data)
             start = time.perf_counter()
             r = simulate(cfg, tmp / name, report=False)
             shutil.rmtree(tmp / name / "sites", ignore_errors=True)
