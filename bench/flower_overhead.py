@@ -58,15 +58,16 @@ def federation_rounds(tmp: Path, args: argparse.Namespace) -> None:
     atoll = [sys.executable, "-m", "atoll"]
     procs = [subprocess.Popen([*atoll, "coordinator", str(config), "--out", str(tmp / "flower"),
                                "--insecure", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)]
     for s in sites:
         procs.append(subprocess.Popen(
             [*atoll, "site", "--coordinator", f"127.0.0.1:{port}", "--data", str(data[s]),
              "--name", s, "--insecure", "--threads", "1", "--state", str(tmp / "state" / s)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
     procs[0].wait(timeout=1800)
-    for p in procs[1:]:
-        fc.stop(p)
+    for p in procs:  # the coordinator too: nothing it started may outlive it
+        fc.stop_group(p)
     flower = round_seconds(tmp / "flower")
     # the first round includes start-up (model build, first connection): report the rest
     lm, fm = statistics.median(local[1:]), statistics.median(flower[1:])

@@ -80,7 +80,8 @@ def run(tmp: Path, name: str, data: dict, args: argparse.Namespace, overlap: int
     out = tmp / name
     procs = [subprocess.Popen([*atoll, "coordinator", str(config), "--out", str(out),
                                "--insecure", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)]
     sent: dict[str, dict[int, float]] = {s: {} for s in SITES}
     readers = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines are timed as they come
@@ -89,13 +90,14 @@ def run(tmp: Path, name: str, data: dict, args: argparse.Namespace, overlap: int
             [*atoll, "site", "--coordinator", f"127.0.0.1:{link.listen[1]}", "--data",
              str(data[s]), "--name", s, "--insecure", "--threads", "1",
              "--state", str(tmp / f"{name}-state" / s)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True))
         readers.append(watch(procs[-1], sent[s]))
     try:
         procs[0].wait(timeout=3600)
     finally:
-        for p in procs[1:]:
-            fc.stop(p)
+        for p in procs:  # the coordinator too: nothing it started may outlive it
+            fc.stop_group(p)
         link.stop()
         for r in readers:
             r.join(timeout=10)

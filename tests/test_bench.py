@@ -9,8 +9,11 @@ the values mean nothing, and most of them are timings.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -39,11 +42,14 @@ FLOWER = {
 HELPERS = {"flower_echo_app.py", "one_site.py", "smoke.py"}
 
 
-def run_smoke(script: str, extra: list[str]) -> str:
-    """``python bench/<script> --smoke``: its output, after checking it exited 0."""
+def run_smoke(script: str, extra: list[str], tmp: Path | None = None) -> str:
+    """``python bench/<script> --smoke``: its output, after checking it exited 0 (with
+    ``tmp``: its temporary files go there)."""
     # One torch thread: with the default of one per core, torch's threads spin against
     # whatever else holds the cores (other tests, other agents) and a step takes 50x longer.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
     proc = subprocess.run([sys.executable, str(Path("bench") / script), "--smoke", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (f"bench/{script} --smoke exited {proc.returncode}:\n"
@@ -51,13 +57,32 @@ def run_smoke(script: str, extra: list[str]) -> str:
     return proc.stdout
 
 
-def check_figures(script: str, extra: list[str], labels: list[str]) -> None:
-    out = run_smoke(script, extra)
+def check_figures(script: str, extra: list[str], labels: list[str], tmp: Path | None = None
+                  ) -> None:
+    out = run_smoke(script, extra, tmp)
     missing = [label for label in labels if label not in out]
     assert not missing, f"bench/{script} --smoke printed no {missing}:\n{out}"
 
 
-@pytest.mark.parametrize("script", sorted(FAST))
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that name ``text`` (e.g. a folder they work in)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it ended meanwhile
+            continue
+        if text in cmd:
+            found.append(cmd)
+    return found
+
+
+# seconds each: the quick loop (make check) runs these; make test runs every benchmark
+QUICK = {"codec_error.py", "overhead.py"}
+
+
+@pytest.mark.parametrize("script", [
+    s if s in QUICK else pytest.param(s, marks=pytest.mark.slow) for s in sorted(FAST)])
 def test_benchmark_smoke(script: str) -> None:
     check_figures(script, *FAST[script])
 
@@ -65,7 +90,18 @@ def test_benchmark_smoke(script: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(FLOWER))
 def test_flower_benchmark_smoke(script: str) -> None:
-    check_figures(script, *FLOWER[script])
+    """Also: no SuperLink, SuperNode or site process outlives the benchmark."""
+    # a short folder of its own (a site's worker socket lives under it: AF_UNIX paths are
+    # short), named in the command lines of everything the benchmark starts
+    tmp = Path(tempfile.mkdtemp(prefix="atoll-smoke-"))
+    try:
+        check_figures(script, *FLOWER[script], tmp=tmp)
+        deadline = time.monotonic() + 15  # a killed process takes a moment to go
+        while processes_mentioning(str(tmp)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert processes_mentioning(str(tmp)) == []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:

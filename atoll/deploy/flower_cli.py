@@ -96,6 +96,29 @@ def stop(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
         pass
 
 
+def stop_group(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+    """Like :func:`stop`, for a process started with ``start_new_session=True``: the signals
+    go to its whole group, so the Flower processes it started go with it even when it has
+    to be killed."""
+    if proc is None:
+        return
+    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break  # the whole group is gone
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGINT:  # it exited; make sure nothing it started lives on
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            break
+
+
 def write_connection(flwr_home: Path, address: str, ca: Path | None) -> None:
     """The ``flwr`` CLI's connection to our SuperLink (``$FLWR_HOME/config.toml``)."""
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
