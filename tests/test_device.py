@@ -10,8 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from atoll.app.evaluation import mean_loss
-from atoll.app.metrics import read_metrics
+from atoll.app.metrics import mean_loss, read_metrics
 from atoll.app.run_config import RunConfig
 from atoll.app.simulate import simulate
 from atoll.cli import main

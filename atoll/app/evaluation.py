@@ -39,8 +39,3 @@ def eval_sets(cfg: RunConfig) -> dict[str, list[torch.Tensor]]:
 def evaluate(model: torch.nn.Module, sets: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     """Validation loss of ``model`` per domain."""
     return {name: validation_loss(model, batches) for name, batches in sets.items()}
-
-
-def mean_loss(losses: dict[str, float]) -> float:
-    """The plain mean over domains (each domain counts alike)."""
-    return sum(losses.values()) / len(losses)

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from atoll.app.metrics import read_metrics
+from atoll.app.metrics import mean_loss, read_metrics
 
 
 class RunFollower:
@@ -47,7 +47,7 @@ class RunFollower:
 def round_line(r: dict) -> str:
     """One closed round of ``metrics.jsonl`` as a console line."""
     val = r.get("val_loss") or {}
-    v = f"  val {sum(val.values()) / len(val):.4f}" if val else ""
+    v = f"  val {mean_loss(val):.4f}" if val else ""
     rej = f"  rejected {sorted(r['rejected'])}" if r.get("rejected") else ""
     loss = r.get("train_loss")
     return (f"round {r['round']}: sites {', '.join(r['sites']) or 'none'}  train "

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from atoll.app.metrics import FEDERATION, read_metrics  # noqa: E402
+from atoll.app.metrics import FEDERATION, mean_loss, read_metrics  # noqa: E402
 from atoll.util.atomic import write_atomic  # noqa: E402
 
 
@@ -149,7 +149,7 @@ def _losses_html(records: list[dict]) -> str:
     rows = []
     for run in runs:
         cells = "".join(f"<td>{last[run].get(d, float('nan')):.4f}</td>" for d in domains)
-        mean = sum(last[run].values()) / len(last[run])
+        mean = mean_loss(last[run])
         rows.append(f"<tr><td>{html.escape(run)}</td>{cells}<td><b>{mean:.4f}</b></td></tr>")
     return f"<table><tr><th>run</th>{head}<th>mean</th></tr>{''.join(rows)}</table>"
 

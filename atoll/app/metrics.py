@@ -17,6 +17,12 @@ FEDERATION = "federation"
 """The ``run`` of the federation's records (a baseline's is ``baseline:<kind>``)."""
 
 
+def mean_loss(losses: dict[str, float]) -> float:
+    """The plain mean over domains (each domain counts alike): the one figure every report
+    quotes for a run's validation loss."""
+    return sum(losses.values()) / len(losses)
+
+
 class MetricsLog:
     """Appends the run's records to ``metrics.jsonl``, one JSON line each, as they happen."""
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from atoll.app.books import Books
-from atoll.app.evaluation import eval_sets, evaluate, mean_loss
-from atoll.app.metrics import FEDERATION, MetricsLog, read_metrics
+from atoll.app.evaluation import eval_sets, evaluate
+from atoll.app.metrics import FEDERATION, MetricsLog, mean_loss, read_metrics
 from atoll.app.progress import Progress
 from atoll.app.run_config import RunConfig
 from atoll.app.run_folder import RunFolder
@@ -195,13 +195,12 @@ class Run:
         return self.folder.checkpoints.rounds()
 
     def _resume(self) -> None:
-        found = self.folder.load_checkpoint(
+        parts = self.folder.load_checkpoint(
             ["coordinator", *(f"baseline-{b.kind}" for b in self.baselines)])
-        if found is None:
+        if parts is None:
             self.metrics.truncate_after(-1)  # nothing to keep: start from round 0 again
             self.books.resumed_at(0)
             return
-        _, parts = found
         state = parts["coordinator"]
         self.coordinator.load_state_dict(state)
         self.coordinator.checkpointed = self.coordinator.round

@@ -57,13 +57,13 @@ class RunFolder:
         self.checkpoints.prune(keep)
         return final
 
-    def load_checkpoint(self, names: list[str]) -> tuple[int, dict[str, dict[str, Any]]] | None:
-        """The newest checkpoint's round and parts, or None when there is none."""
+    def load_checkpoint(self, names: list[str]) -> dict[str, dict[str, Any]] | None:
+        """The newest checkpoint's parts (name -> state), or None when there is none."""
         rounds = self.checkpoints.rounds()
         if not rounds:
             return None
         path = self.checkpoints.path(rounds[-1])
-        return rounds[-1], {name: load_state(path / name) for name in names}
+        return {name: load_state(path / name) for name in names}
 
     def release(self) -> None:
         """Let another process take the folder."""

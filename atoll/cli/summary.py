@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from atoll.app.books import LEDGER
-from atoll.app.metrics import FEDERATION
+from atoll.app.metrics import FEDERATION, mean_loss
 from atoll.ledger.chain import read_entries
 from atoll.ledger.credit import shares
 
@@ -38,9 +38,9 @@ def _print_losses(final: dict[str, dict[str, float]]) -> None:
             row += f"{final[k].get(d, float('nan')):>26.4f}"
         print(row)
     if fed:
-        mean = sum(fed.values()) / len(fed)
+        mean = mean_loss(fed)
         row = f"  {'mean':<14}{mean:>12.4f}"
         for k in others:
-            m = sum(final[k].values()) / len(final[k])
+            m = mean_loss(final[k])
             row += f"{m:>18.4f} ({(mean / m - 1) * 100:+.1f}%)"
         print(row)

@@ -97,26 +97,23 @@ def stop(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
 
 
 def stop_group(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
-    """Like :func:`stop`, for a process started with ``start_new_session=True``: the signals
-    go to its whole group, so the Flower processes it started go with it even when it has
-    to be killed."""
+    """Like :func:`stop`, for a process started with ``start_new_session=True``: SIGINT to
+    its whole group, then SIGKILL to whatever of the group is left, so the Flower processes
+    it started never outlive it."""
     if proc is None:
         return
-    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 30.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break  # the whole group is gone
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGINT:  # it exited; make sure nothing it started lives on
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            break
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return  # the whole group is gone
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def write_connection(flwr_home: Path, address: str, ca: Path | None) -> None:

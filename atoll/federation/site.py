@@ -30,7 +30,6 @@ import torch
 
 from atoll.consent.pool import allowed_sources
 from atoll.federation.codecs import decode, encode, parse_spec, round_seed
-from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import (
     RoundPlan,
     RunSpec,
@@ -126,12 +125,10 @@ class Site:
             st.trainer.reset_optimizer()
         st.trainer.step = plan.step  # the global clock, whatever this site did before
         st.trainer.total_steps = spec.total_steps
-        shapes = {n: p.shape for n, p in st.model.named_parameters()}
-        names = list(shapes) if self._whole(plan, spec) else split_fragments(
-            shapes, spec.fragments)[fragment_of_round(plan.round - 1, spec.fragments)]
+        names = list(st.shapes) if self._whole(plan, spec) else st.fragment(plan.round - 1)
         # changes down keep the places of the round they come from (random places)
-        received = decode(plan.weights, {n: shapes[n] for n in names}, parse_spec(plan.codec),
-                          round_seed(plan.run_id, plan.base))
+        received = decode(plan.weights, {n: st.shapes[n] for n in names},
+                          parse_spec(plan.codec), round_seed(plan.run_id, plan.base))
         if plan.base:  # delta downlink: the change to the weights received before
             if st.completed != plan.base or not st.anchor:
                 raise ValueError(f"site {self.name} holds the weights of round "
@@ -177,9 +174,7 @@ class Site:
         """``theta - theta_site`` for the tensors this round syncs (one fragment if streaming)."""
         st = self.state
         params = dict(st.model.named_parameters())
-        sent = (split_fragments({n: p.shape for n, p in params.items()}, spec.fragments)
-                [fragment_of_round(plan.round, spec.fragments)] if spec.streaming
-                else list(params))
+        sent = st.fragment(plan.round) if spec.streaming else list(params)
         trained = to_host({n: params[n] for n in sent})  # fp32 on the host, whatever device
         with torch.no_grad():
             return {n: st.anchor[n] - trained[n] for n in sent}

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from atoll.data.reader import PackedReader, TokenDataset
 from atoll.federation.codecs import ErrorFeedback
+from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import RoundPlan, RunSpec
 from atoll.train.device import to_host
 from atoll.train.inner import InnerConfig, InnerTrainer
@@ -61,6 +62,8 @@ class SiteState:
         self.anchor: dict[str, torch.Tensor] = {}  # the global weights as last received (host)
         self.yielded_base: dict[int, int] = {}  # reader's rows per source at the last save
         self.keep_anchor = False  # save the received weights too (streaming, delta downlink)
+        self.shapes: dict[str, torch.Size] = {}  # the model's tensors, in model order
+        self.fragments: list[list[str]] = []  # their groups for streaming sync
 
     # -- the run spec ----------------------------------------------------------------------
 
@@ -104,7 +107,13 @@ class SiteState:
         self.feedback = ErrorFeedback()
         self.anchor = {}
         self.yielded_base = {}
+        self.shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        self.fragments = split_fragments(self.shapes, spec.fragments)
         self._key, self.completed = spec.build_key, None
+
+    def fragment(self, round_: int) -> list[str]:
+        """The tensors round ``round_`` syncs (all of them unless streaming)."""
+        return self.fragments[fragment_of_round(round_, len(self.fragments))]
 
     def restore(self, spec: RunSpec, round_: int) -> None:
         """Bring the in-memory state to the newest round saved before ``round_``."""
