@@ -31,6 +31,9 @@ FAST = {
                          "ratio site / bare"]),
     "hetero.py": ([], ["standalone tokens/s", "of the sum in rounds", "time budget"]),
     "attacks.py": ([], ["centered clip", "vs the clean run of the same rule", "epsilon"]),
+    "coordinator_memory.py": ([], ["peak RSS", "measured / stated", "bytes/param"]),
+    "prepare.py": ([], ["byte-level (uint16)", "70,000 ids (uint32)", "ratio 2 / 1",
+                        "peak memory allocated"]),
 }
 # real Flower processes: the fast development loop (make check) leaves them out
 FLOWER = {

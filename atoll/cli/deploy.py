@@ -55,7 +55,8 @@ def cmd_site(args: argparse.Namespace) -> int:
                        key=Path(args.key) if args.key else None,
                        ca=Path(args.ca) if args.ca else None, insecure=args.insecure,
                        state=Path(args.state) if args.state else None, threads=args.threads,
-                       device=args.device, fault=args.fault or "", max_wait_s=args.max_wait)
+                       device=args.device, nproc=args.nproc, shard=args.shard,
+                       fault=args.fault or "", max_wait_s=args.max_wait)
     return serve_site(opts)
 
 
@@ -141,6 +142,12 @@ def _add_site(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     t.add_argument("--device", default="auto",
                    help="where to train: auto (CUDA when present), cpu, cuda or cuda:N")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="processes that train this site together, one per GPU (default 1; "
+                        "under torchrun its own count holds)")
+    t.add_argument("--shard", action="store_true",
+                   help="with several processes: shard weights and AdamW state (FSDP2) "
+                        "instead of replicating them (DDP)")
     t.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     t.add_argument("--max-wait", type=float, default=0.0,
                    help="give up after this many seconds without a connection (0 = never)")

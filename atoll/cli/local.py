@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,7 @@ from atoll.cli.fail import fail
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """``atoll prepare``: input files (or the demo's domains) into a prepared data folder."""
+    from atoll.app.progress import Progress
     from atoll.data.demo import build_demo_data
     from atoll.data.prepare import PrepareOptions, prepare
 
@@ -26,9 +28,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return fail("prepare: name at least one input file or directory")
     opts = PrepareOptions(seq_len=args.seq_len, val_fraction=args.val_fraction,
                           text_field=args.text_field, tokenizer=args.tokenizer or "",
-                          contributor=args.contributor or "")
+                          contributor=args.contributor or "", workers=args.workers)
     print(f"preparing {len(args.inputs)} input(s) into {args.out}")
-    m = prepare(args.inputs, args.out, opts)
+    bar = Progress(sys.stdout)  # errors alone go to stderr: one line
+    m = prepare(args.inputs, args.out, opts, log=bar.log, progress=bar.update)
     tokens = sum(s["tokens"] for s in m["sources"])
     print(f"done: {len(m['sources'])} source(s), {tokens:,} tokens, "
           f"{m['splits']['train']['rows']} train / {m['splits']['val']['rows']} val rows "
@@ -110,6 +113,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--val-fraction", type=float, default=0.05)
     pr.add_argument("--text-field", default="text", help="JSONL field / Parquet column")
     pr.add_argument("--tokenizer", help="a local Hugging Face tokenizer directory")
+    pr.add_argument("--workers", type=int, default=0,
+                    help="tokenising processes (default: min(4, CPUs) for a Hugging Face "
+                         "tokenizer on 64 MiB of input or more, else 1)")
     pr.add_argument("--contributor", help="contributor id recorded in the manifest")
     pr.add_argument("--demo", action="store_true", help="prepare the four demo domains")
     pr.set_defaults(func=cmd_prepare)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from atoll.data.prepare import FORMAT
+from atoll.data.shards import SHARD_DTYPES
 from atoll.data.sources import DataError
 
 
@@ -35,6 +36,10 @@ class TokenDataset:
                             f"{self.seq_len} does not divide; prepare again with --seq-len")
         self.split_factor = stored // self.seq_len
         info = self.manifest["splits"][split]
+        if self.manifest.get("dtype") not in SHARD_DTYPES:
+            raise DataError(self.root / "manifest.json", f"unknown token dtype "
+                            f"{self.manifest.get('dtype')!r} (expected one of "
+                            f"{', '.join(SHARD_DTYPES)})")
         dtype = np.dtype(self.manifest["dtype"])
         self._shards = []
         for s in info["shards"]:

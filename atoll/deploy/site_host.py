@@ -4,6 +4,9 @@ The site dials out to the coordinator (so NAT is fine), authenticates with its p
 over TLS, and trains whenever the coordinator sends a round. Its data never leaves this
 machine; its state between rounds (inner optimizer, data cursor) lives in ``--state``. If
 the coordinator goes away, the SuperNode keeps retrying and carries on when it is back.
+
+With ``--nproc N`` (or under ``torchrun``) the site is several processes training together
+(:mod:`atoll.deploy.site_ranks`); only rank 0 runs the SuperNode.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atoll.data.reader import load_manifest
 from atoll.deploy import flower_cli as fc
 from atoll.engines.site_worker import SiteWorker
+
+if TYPE_CHECKING:
+    from atoll.federation.site import Site
 
 
 @dataclass
@@ -39,6 +46,12 @@ class SiteOptions:
     threads: int = 0
     device: str = "auto"
     """Where this site trains: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    nproc: int = 1
+    """Processes that train this site together, one per GPU (under ``torchrun``: ignored,
+    torchrun's own count holds)."""
+    shard: bool = False
+    """With several processes: shard weights, gradients and AdamW state (FSDP2) instead of
+    replicating them (DDP)."""
     fault: str = ""
     """Testing only: make this site misbehave (see atoll.federation.faults)."""
     max_wait_s: float = 0.0
@@ -51,6 +64,10 @@ class SiteOptions:
         from atoll.train.device import resolve_device
 
         resolve_device(self.device)
+        if self.nproc < 1:
+            raise ValueError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.fault and (self.nproc > 1 or _launched()):
+            raise ValueError("--fault drills run as one process: leave out --nproc")
         self.name = self.name or self.data.resolve().name
         self.state = self.state or Path("atoll-state") / self.name
         if self.insecure:
@@ -98,9 +115,21 @@ def serve_site(o: SiteOptions, log: Callable[[str], None] = print) -> int:
     """Run the SuperNode until Ctrl-C, restarting it when the coordinator is away (it gives
     up by itself when refused, e.g. while the coordinator restarts); exit status."""
     o.resolve()
+    if o.nproc > 1 and not _launched():
+        from atoll.deploy.site_ranks import launch
+
+        return launch(o.nproc, serve_site, o)
     manifest = load_manifest(o.data)  # fail now, not at the first round, on unprepared data
-    rows = manifest["splits"]["train"]["rows"]
     o.state.mkdir(parents=True, exist_ok=True)
+    site = _make_site(o)
+    if not site.parallel.is_main:  # not the one that talks to the coordinator
+        return _follow(site, log)
+    return _serve(o, site, manifest, log)
+
+
+def _serve(o: SiteOptions, site: Site, manifest: dict, log: Callable[[str], None]) -> int:
+    """Rank 0 (or the only process): the SuperNode loop, until Ctrl-C."""
+    rows = manifest["splits"]["train"]["rows"]
     if o.insecure:
         log(fc.INSECURE_WARNING)
     env = fc.flower_env(o.state / "flower")
@@ -109,7 +138,7 @@ def serve_site(o: SiteOptions, log: Callable[[str], None] = print) -> int:
     log(f"connecting to {o.coordinator} "
         f"({'INSECURE' if o.insecure else 'TLS, key ' + str(o.key)}); waiting for rounds. "
         f"Ctrl-C stops.")
-    worker = _start_worker(o, log)
+    worker = _start_worker(o, site, log)
     supernode_log = o.state / "supernode.log"
     failing_since: float | None = None
     backoff = 2.0
@@ -139,22 +168,62 @@ def serve_site(o: SiteOptions, log: Callable[[str], None] = print) -> int:
         return 130
     finally:
         worker.close()
+        if site.parallel.world > 1:
+            worker.site.stop_followers()
+        site.parallel.close()
 
 
-def _start_worker(o: SiteOptions, log: Callable[[str], None]) -> SiteWorker:
-    """The long-lived trainer the ClientApp shim hands rounds to."""
+def _launched() -> bool:
+    """Whether this process is one of several a launcher started (torchrun, --nproc)."""
+    from atoll.train.distributed import launched
+
+    return launched()
+
+
+def _make_site(o: SiteOptions) -> Site:
+    """This process's site (joining the site's other processes when there are some)."""
     import torch
 
     from atoll.federation.faults import make_site
+    from atoll.federation.site import Site
+    from atoll.train.device import resolve_device
+    from atoll.train.distributed import Parallel, local_device
 
     if o.threads > 0:
         torch.set_num_threads(o.threads)
+    if not _launched():
+        return make_site(o.name, o.data, o.state, fault=o.fault, device=o.device)
+    par = Parallel.from_env(local_device(resolve_device(o.device)), shard=o.shard)
+    return Site(o.name, o.data, o.state, device=o.device, parallel=par)
+
+
+def _follow(site: Site, log: Callable[[str], None]) -> int:
+    """A rank other than 0: train with rank 0 until it stops (or Ctrl-C)."""
+    from atoll.deploy.site_ranks import follow
+
+    log(f"site {site.name} rank {site.parallel.rank}: training on {site.device}")
+    try:
+        return follow(site, log)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        site.parallel.close()
+
+
+def _start_worker(o: SiteOptions, site: Site, log: Callable[[str], None]) -> SiteWorker:
+    """The long-lived trainer the ClientApp shim hands rounds to (rank 0's, with several
+    processes, handing each plan to the others first)."""
+    from atoll.deploy.site_ranks import LeaderSite
 
     def on_round(update: dict) -> None:
         log(f"{time.strftime('%H:%M:%S')} round {update['round']}: {update['steps']} steps, "
             f"{update['tokens']} tokens, loss {update['train_loss']:.4f}, "
             f"{update['seconds']:.1f}s")
 
-    site = make_site(o.name, o.data, o.state, fault=o.fault, device=o.device)
-    log(f"site {o.name}: training on {site.device}")
-    return SiteWorker(site, o.state, on_round=on_round).start()
+    par = site.parallel
+    log(f"site {o.name}: training on {site.device}" + (
+        f" and {par.world - 1} more processes ("
+        f"{'FSDP2' if par.shard else 'DDP, or FSDP2 when one GPU cannot hold the model'})"
+        if par.world > 1 else ""))
+    served = LeaderSite(site) if par.world > 1 else site
+    return SiteWorker(served, o.state, on_round=on_round).start()

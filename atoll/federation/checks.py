@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,24 +31,29 @@ def check_header(update: SiteUpdate, run_id: str, round_: int, expected_sites: s
     return None
 
 
-def check_delta(delta: dict[str, torch.Tensor],
-                shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> str | None:
-    """The reason to reject a decoded pseudo-gradient, or None if it may be aggregated."""
+def check_delta(delta: Mapping[str, torch.Tensor],
+                shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> tuple[str | None, float]:
+    """The reason to reject a decoded pseudo-gradient (None if it may be aggregated), and
+    its L2 norm: one pass that reads each tensor once (``delta`` may decode them as read)."""
     missing = sorted(set(shapes) - set(delta))
     if missing:
-        return f"tensor {missing[0]!r} is missing"
+        return f"tensor {missing[0]!r} is missing", math.nan
     extra = sorted(set(delta) - set(shapes))
     if extra:
-        return f"unexpected tensor {extra[0]!r}"
+        return f"unexpected tensor {extra[0]!r}", math.nan
+    total = 0.0
     for name, (shape, dtype) in shapes.items():
         t = delta[name]
         if t.shape != shape:
-            return f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+            return f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}", math.nan
         if t.dtype != dtype:
-            return f"tensor {name!r} has dtype {t.dtype}, expected {dtype}"
-        if not torch.isfinite(t).all():
-            return f"tensor {name!r} holds NaN or infinite values"
-    return None
+            return f"tensor {name!r} has dtype {t.dtype}, expected {dtype}", math.nan
+        squares = squared_sum(t)
+        # float32 values squared cannot overflow float64: the sum is finite iff every value is
+        if not math.isfinite(squares):
+            return f"tensor {name!r} holds NaN or infinite values", math.nan
+        total += squares
+    return None, math.sqrt(total)
 
 
 @dataclass
@@ -69,9 +75,19 @@ class ChecksConfig:
             raise ValueError("checks.max_norm_ratio must be >= 0 and checks.norm_window >= 1")
 
 
-def global_norm(named: dict[str, torch.Tensor]) -> float:
+def global_norm(named: Mapping[str, torch.Tensor]) -> float:
     """The L2 norm of all tensors of ``named`` taken together (float64 accumulation)."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in named.values()))
+    return math.sqrt(sum(squared_sum(t) for t in named.values()))
+
+
+SQUARES_CHUNK = 1 << 22
+"""Values squared at a time in float64: a bound on the temporaries, not on the tensor."""
+
+
+def squared_sum(t: torch.Tensor) -> float:
+    """``sum(t ** 2)`` in float64, ``SQUARES_CHUNK`` values at a time."""
+    flat = t.reshape(-1)
+    return sum(float(c.double().pow(2).sum()) for c in flat.split(SQUARES_CHUNK))
 
 
 class UpdateGuard:
@@ -88,10 +104,11 @@ class UpdateGuard:
         self.seen: dict[str, list[str]] = {}
         self._round: dict[str, list[float]] = {}
 
-    def check(self, site: str, delta: dict[str, torch.Tensor], fingerprint: str,
-              part: str = "all") -> tuple[str | None, float]:
-        """The reason to reject ``delta`` (or None) and its L2 norm."""
-        norm = global_norm(delta)
+    def check(self, site: str, delta: Mapping[str, torch.Tensor] | None, fingerprint: str,
+              part: str = "all", norm: float | None = None) -> tuple[str | None, float]:
+        """The reason to reject ``delta`` (or None) and its L2 norm (``norm``: already
+        measured, and ``delta`` is not read)."""
+        norm = global_norm(delta) if norm is None else norm
         if self.cfg.reject_zero and norm == 0.0:
             return "empty update (all zeros): nothing was trained", norm
         if self.cfg.reject_replay and fingerprint in self.seen.get(site, []):

@@ -23,6 +23,7 @@ the expected shape and says exactly what is wrong with a corrupt or truncated up
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +37,12 @@ from atoll.federation.sparse import (
     scatter,
     top_places,
 )
+from atoll.federation.wire_parts import PartLayout, expect, packed, parts_of, unpack
 from atoll.util.errors import WireError
 from atoll.util.hashing import seed_of
 
-__all__ = ["CHUNK", "KINDS", "CodecConfig", "ErrorFeedback", "decode", "encode", "parse_spec",
-           "round_seed"]
+__all__ = ["CHUNK", "KINDS", "CodecConfig", "Decoded", "ErrorFeedback", "decode", "encode",
+           "parse_spec", "round_seed"]
 
 KINDS = ("fp32", "bf16", "int8", "int4", "int2", "sign")
 
@@ -117,33 +119,51 @@ def round_seed(run_id: str, round_: int) -> int:
     return seed_of(run_id, round_, hex_digits=15)
 
 
-def encode(named: dict[str, torch.Tensor], cfg: CodecConfig, seed: int = 0
-           ) -> dict[str, torch.Tensor]:
+def encode(named: Mapping[str, torch.Tensor], cfg: CodecConfig, seed: int = 0,
+           shapes: Mapping[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
     """Encode every tensor of ``named``; the result is what goes on the wire. ``seed``
     draws the places ``select = "random"`` keeps (:func:`round_seed`).
 
     fp32 and bf16 keep one wire tensor per model tensor (no copy for big models). The other
     codecs pack each part of every tensor into one wire tensor, in name order (``::q``,
     ``::scale``, ``::idx``, ``::val``): the small parts of a few hundred tensors would
-    otherwise cost more in safetensors header than in payload."""
-    parts: dict[str, torch.Tensor] = {}
-    for name, t in named.items():
-        flat = t.detach().float().reshape(-1)
-        if cfg.topk:
-            chunk, k = chunking(cfg.topk, flat.numel())
-            chunks = as_chunks(flat, chunk)
-            if cfg.select == "random":
-                idx = random_places(name, chunks.shape[0], chunk, k, seed)
-            else:
-                idx = top_places(chunks, k)
-                parts[f"{name}::idx"] = idx.to(torch.uint8)
-            flat = chunks.gather(1, idx).reshape(-1)
-        parts.update(_encode_values(name, flat, t.shape if not cfg.topk else None, cfg))
+    otherwise cost more in safetensors header than in payload. Each tensor is read once and
+    encoded straight into its place, so with ``shapes`` given ``named`` may be a mapping
+    that makes each tensor when read: the whole is never held besides what goes out."""
     if not _packed(cfg):
+        parts: dict[str, torch.Tensor] = {}
+        for name, t in named.items():
+            parts.update(_encode_tensor(name, t, cfg, seed))
         return parts
-    layout = _layout(cfg)
-    return {f"::{part}": torch.cat([parts[f"{n}::{part}"].reshape(-1) for n in sorted(named)])
-            for part in layout}
+    shapes = shapes if shapes is not None else {n: t.shape for n, t in named.items()}
+    layout = {n: _parts_of(math.prod(shapes[n]), cfg) for n in sorted(shapes)}
+    out = {p: torch.empty(sum(math.prod(layout[n][p][1]) for n in layout), dtype=dt)
+           for p, dt in _layout(cfg).items()}
+    at = dict.fromkeys(out, 0)
+    for name in layout:
+        for key, t in _encode_tensor(name, named[name], cfg, seed).items():
+            part = key.rpartition("::")[2]
+            out[part][at[part] : at[part] + t.numel()] = t.reshape(-1)
+            at[part] += t.numel()
+    return {f"::{p}": t for p, t in out.items()}
+
+
+def _encode_tensor(name: str, t: torch.Tensor, cfg: CodecConfig, seed: int
+                   ) -> dict[str, torch.Tensor]:
+    """The wire parts of one tensor (``"<name>::<part>"``)."""
+    parts: dict[str, torch.Tensor] = {}
+    flat = t.detach().float().reshape(-1)
+    if cfg.topk:
+        chunk, k = chunking(cfg.topk, flat.numel())
+        chunks = as_chunks(flat, chunk)
+        if cfg.select == "random":
+            idx = random_places(name, chunks.shape[0], chunk, k, seed)
+        else:
+            idx = top_places(chunks, k)
+            parts[f"{name}::idx"] = idx.to(torch.uint8)
+        flat = chunks.gather(1, idx).reshape(-1)
+    parts.update(_encode_values(name, flat, t.shape if not cfg.topk else None, cfg))
+    return parts
 
 
 def _encode_values(name: str, flat: torch.Tensor, shape: torch.Size | None, cfg: CodecConfig
@@ -158,64 +178,70 @@ def _encode_values(name: str, flat: torch.Tensor, shape: torch.Size | None, cfg:
     return {f"{name}::q": q, f"{name}::scale": scale}
 
 
-def decode(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size], cfg: CodecConfig,
-           seed: int = 0) -> dict[str, torch.Tensor]:
+def decode(encoded: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size],
+           cfg: CodecConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """float32 tensors of the given ``shapes`` from :func:`encode`'s output (``seed``: the
-    one it was encoded with, for ``select = "random"``).
+    one it was encoded with, for ``select = "random"``); all at once, see :class:`Decoded`
+    for one at a time.
 
     Raises :class:`~atoll.util.errors.WireError` naming the tensor (or the packed part) and the
     problem if anything is missing, extra, of the wrong size or dtype."""
-    if _packed(cfg):
-        encoded = _unpack(encoded, shapes, cfg)
-    out = {}
-    for name, shape in shapes.items():
-        layout = _parts_of(math.prod(shape), cfg)
-        for part, (dtype, part_shape) in layout.items():
-            _expect(encoded, f"{name}::{part}", f"tensor {name!r}: part '{part}'", dtype,
-                    part_shape if part != "val" or cfg.topk else tuple(shape))
-        if cfg.topk:
-            numel = math.prod(shape)
-            chunk, k = chunking(cfg.topk, numel)
-            if cfg.select == "random":
-                idx = random_places(name, -(-numel // chunk), chunk, k, seed)
-            else:
-                idx = encoded[f"{name}::idx"].long()
-            if idx.numel() and idx.max() >= chunk:
-                raise WireError(f"tensor {name!r}: top-k index {idx.max().item()} out of range "
-                                f"for chunks of {chunk}")
-            values = _decode_values(encoded, name, idx.numel(), None, cfg)
-            out[name] = scatter(idx, values, chunk, numel).reshape(shape)
+    return dict(Decoded(encoded, shapes, cfg, seed).items())
+
+
+class Decoded(Mapping[str, torch.Tensor]):
+    """An encoded update read as its float32 tensors, one at a time.
+
+    Made, it has checked that every wire part is there with its dtype and size (raising
+    :class:`~atoll.util.errors.WireError` as :func:`decode` does); each tensor is decoded
+    when read and not kept, so whoever reads them one after another holds one decoded
+    tensor at a time besides the encoded update. Reading a tensor can still raise
+    WireError for what only its values show (a top-k index out of range)."""
+
+    def __init__(self, encoded: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size],
+                 cfg: CodecConfig, seed: int = 0) -> None:
+        self.shapes = dict(shapes)
+        self.cfg = cfg
+        self.seed = seed
+        layout = {n: _parts_of(math.prod(self.shapes[n]), cfg) for n in sorted(self.shapes)}
+        self.parts = unpack(encoded, layout) if _packed(cfg) else encoded
+        for name, shape in self.shapes.items():
+            for part, (dtype, part_shape) in layout[name].items():
+                expect(self.parts, f"{name}::{part}", f"tensor {name!r}: part '{part}'", dtype,
+                       part_shape if part != "val" or cfg.topk else tuple(shape))
+        extra = sorted(set(self.parts) - {f"{n}::{p}" for n in layout for p in layout[n]})
+        if extra:
+            raise WireError(f"unexpected tensor {extra[0]!r}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape, cfg = self.shapes[name], self.cfg
+        numel = math.prod(shape)
+        if not cfg.topk:
+            return _decode_values(self.parts, name, numel, shape, cfg)
+        chunk, k = chunking(cfg.topk, numel)
+        if cfg.select == "random":
+            idx = random_places(name, -(-numel // chunk), chunk, k, self.seed)
         else:
-            out[name] = _decode_values(encoded, name, math.prod(shape), shape, cfg)
-    expected = {f"{n}::{p}" for n, shape in shapes.items()
-                for p in _parts_of(math.prod(shape), cfg)}
-    extra = sorted(set(encoded) - expected)
-    if extra:
-        raise WireError(f"unexpected tensor {extra[0]!r}")
-    return out
+            idx = self.parts[f"{name}::idx"].long()
+        if idx.numel() and idx.max() >= chunk:
+            raise WireError(f"tensor {name!r}: top-k index {idx.max().item()} out of range "
+                            f"for chunks of {chunk}")
+        values = _decode_values(self.parts, name, idx.numel(), None, cfg)
+        return scatter(idx, values, chunk, numel).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 def _packed(cfg: CodecConfig) -> bool:
-    return not (cfg.kind in ("fp32", "bf16") and not cfg.topk)
+    return packed(cfg.kind, cfg.topk)
 
 
-def _parts_of(numel: int, cfg: CodecConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """The wire parts of one tensor of ``numel`` entries: dtype and shape of each."""
-    parts: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    values = numel
-    if cfg.topk:
-        chunk, k = chunking(cfg.topk, numel)
-        values = -(-numel // chunk) * k
-        if cfg.select == "top":
-            parts["idx"] = (torch.uint8, (-(-numel // chunk), k))
-    if cfg.kind in ("fp32", "bf16"):
-        parts["val"] = (torch.float32 if cfg.kind == "fp32" else torch.bfloat16, (values,))
-    else:
-        n_blocks = math.ceil(values / cfg.block)
-        parts["q"] = (torch.int8 if cfg.kind == "int8" else torch.uint8,
-                      (n_blocks, cfg.block // PER_BYTE[cfg.kind]))
-        parts["scale"] = (torch.float32, (n_blocks,))
-    return parts
+def _parts_of(numel: int, cfg: CodecConfig) -> PartLayout:
+    return parts_of(numel, cfg.kind, cfg.block, cfg.topk, cfg.select)
 
 
 def _layout(cfg: CodecConfig) -> dict[str, torch.dtype]:
@@ -223,38 +249,7 @@ def _layout(cfg: CodecConfig) -> dict[str, torch.dtype]:
     return {p: dt for p, (dt, _) in _parts_of(1, cfg).items()}
 
 
-def _unpack(encoded: dict[str, torch.Tensor], shapes: dict[str, torch.Size],
-            cfg: CodecConfig) -> dict[str, torch.Tensor]:
-    """Cut the packed parts back into per-tensor parts, checking their sizes first."""
-    layout = {n: _parts_of(math.prod(shapes[n]), cfg) for n in sorted(shapes)}
-    out: dict[str, torch.Tensor] = {}
-    for part, dtype in _layout(cfg).items():
-        sizes = [math.prod(layout[n][part][1]) for n in layout]
-        t = _expect(encoded, f"::{part}", f"packed part '{part}'", dtype, (sum(sizes),))
-        for n, piece in zip(layout, t.split(sizes), strict=True):
-            out[f"{n}::{part}"] = piece.reshape(layout[n][part][1])
-    extra = sorted(set(encoded) - {f"::{p}" for p in _layout(cfg)})
-    if extra:
-        raise WireError(f"unexpected tensor {extra[0]!r}")
-    return out
-
-
-def _expect(encoded: dict[str, torch.Tensor], key: str, what: str, dtype: torch.dtype,
-            shape: tuple[int, ...]) -> torch.Tensor:
-    """``encoded[key]``, once it is there with this dtype and shape; ``what`` names it in
-    the error otherwise."""
-    if key not in encoded:
-        raise WireError(f"{what} is missing")
-    t = encoded[key]
-    if t.dtype != dtype:
-        raise WireError(f"{what} is {t.dtype}, expected {dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise WireError(f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)} "
-                        f"(truncated or from another model?)")
-    return t
-
-
-def _decode_values(encoded: dict[str, torch.Tensor], name: str, numel: int,
+def _decode_values(encoded: Mapping[str, torch.Tensor], name: str, numel: int,
                    shape: torch.Size | None, cfg: CodecConfig) -> torch.Tensor:
     if cfg.kind in ("fp32", "bf16"):
         return encoded[f"{name}::val"].float().reshape(-1 if shape is None else shape)

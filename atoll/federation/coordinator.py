@@ -16,7 +16,7 @@ import torch
 
 from atoll.federation.aggregate import WeightedMean
 from atoll.federation.checks import UpdateGuard, check_delta, check_header
-from atoll.federation.codecs import decode, parse_spec, round_seed
+from atoll.federation.codecs import Decoded, parse_spec, round_seed
 from atoll.federation.downlink import Downlink
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.outcome import OnTimeTally, RoundOutcome
@@ -149,22 +149,25 @@ class Coordinator:
         return None
 
     def _decode(self, update: SiteUpdate, reason: str | None
-                ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-        """The decoded, checked pseudo-gradient, or the reason it cannot be used."""
+                ) -> tuple[Decoded | None, str | None]:
+        """The checked pseudo-gradient, decoded one tensor at a time as it is read, or the
+        reason it cannot be used. Checking reads each tensor once (shape, finite values and
+        the norm in one pass), the audit once more, adding it once more: a decoded tensor at
+        a time, never the whole update."""
         if reason is not None:
             return None, reason
         shapes = {n: self.shapes[n] for n in self._synced(update.round)}
         try:
-            delta = decode(update.delta, {n: s for n, (s, _) in shapes.items()},
-                           parse_spec(update.codec), round_seed(self.run_id, update.round))
+            delta = Decoded(update.delta, {n: s for n, (s, _) in shapes.items()},
+                            parse_spec(update.codec), round_seed(self.run_id, update.round))
+            reason, norm = check_delta(delta, shapes)
         except WireError as e:
             return None, f"undecodable update: {e}"
-        reason = check_delta(delta, shapes)
         if reason is not None:
             return None, reason
         part = str(fragment_of_round(update.round, self.spec.fragments))
         fingerprint = tensors_digest(update.delta)
-        reason, norm = self.guard.check(update.site, delta, fingerprint, part)
+        reason, norm = self.guard.check(update.site, delta, fingerprint, part, norm=norm)
         if reason is None and self.audit is not None:
             reason = self.audit(update, delta)
         if reason is not None:

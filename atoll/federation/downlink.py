@@ -7,13 +7,18 @@ change to every site that took part in the last round; a site that did not gets 
 whole, in fp32. What the codec drops is not lost: it is still in ``global - copy`` and goes
 out with the next round's change (error feedback on the downlink). Sites train from the
 copy; the outer step moves the global weights.
+
+Memory: the copy (one model, float32) and the encoded change (what goes out), and one
+tensor of change at a time while it is made; the copy sent whole is the copy itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 
-from atoll.federation.codecs import CodecConfig, decode, encode
+from atoll.federation.codecs import CodecConfig, Decoded, encode
 
 
 class Downlink:
@@ -35,12 +40,13 @@ class Downlink:
             return self._change
         self._change = None
         if self.held is not None and self.held_round == r - 1:
-            change = {n: weights[n] - self.held[n] for n in weights}
-            self._change = encode(change, self.codec, seed)
-            decoded = decode(self._change, {n: c.shape for n, c in change.items()}, self.codec,
-                             seed)
-            for n, d in decoded.items():
-                self.held[n] += d
+            # tensor by tensor: the change of one tensor is made, encoded into the payload
+            # and dropped; then each decoded change is applied to the copy
+            shapes = {n: w.shape for n, w in weights.items()}
+            self._change = encode(_Change(weights, self.held), self.codec, seed, shapes=shapes)
+            decoded = Decoded(self._change, shapes, self.codec, seed)
+            for n in shapes:
+                self.held[n] += decoded[n]
         else:
             self.held = {n: w.detach().clone() for n, w in weights.items()}
         self.held_round = r
@@ -65,3 +71,19 @@ class Downlink:
         if "held" in state:
             self.held = {n: t.clone() for n, t in state["held"].items()}
             self.held_round = int(state["held_round"])
+
+
+class _Change(Mapping[str, torch.Tensor]):
+    """``weights - held``, one tensor at a time: each made when read, never all at once."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> None:
+        self.weights, self.held = weights, held
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.weights[name] - self.held[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -54,15 +55,21 @@ class PrivacyConfig:
                              "privacy.delta in (0, 1)")
 
 
-def clip_update(delta: dict[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
+def clip_scale(norm: float, bound: float) -> float:
+    """The factor that brings an update of L2 norm ``norm`` down (never up) to ``bound``."""
+    return min(1.0, bound / norm) if norm > 0 else 1.0
+
+
+def clip_update(delta: Mapping[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
     """``delta`` scaled down (never up) to global L2 norm ``bound``."""
-    norm = global_norm(delta)
-    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    scale = clip_scale(global_norm(delta), bound)
     return {k: v.float() * scale for k, v in delta.items()}
 
 
 class PrivateMean:
-    """Clipped sum plus Gaussian noise, over the planned number of sites; holds one model."""
+    """Clipped sum plus Gaussian noise, over the planned number of sites; holds one model
+    (an update is read one tensor at a time, twice: for its norm, then to add it clipped;
+    the noise is added in place, one tensor of it at a time)."""
 
     def __init__(self, cfg: PrivacyConfig, planned: int, round_: int = 0,
                  generator: torch.Generator | None = None) -> None:
@@ -71,24 +78,35 @@ class PrivateMean:
         seed = cfg.seed * 1_000_003 + round_ if cfg.seed >= 0 else secrets.randbits(63)
         self.generator = generator or torch.Generator().manual_seed(seed)
         self._sum: dict[str, torch.Tensor] | None = None
+        self._released: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def add(self, delta: dict[str, torch.Tensor], weight: float) -> None:
+    def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
         """Clip ``delta`` to the L2 bound and add it to the sum; every site weighs the same."""
         del weight  # every site counts once
-        clipped = clip_update(delta, self.cfg.clip)
+        if self._released is not None:
+            raise RuntimeError("add() after result(): the noised sum was released")
+        scale = clip_scale(global_norm(delta), self.cfg.clip)
         if self._sum is None:
-            self._sum = {k: torch.zeros_like(v) for k, v in clipped.items()}
-        for k, v in clipped.items():
-            self._sum[k].add_(v)
+            self._sum = {}
+        for k, v in delta.items():
+            if k not in self._sum:
+                self._sum[k] = torch.zeros_like(v, dtype=torch.float32)
+            self._sum[k].add_(v.float() * scale)
 
+    @torch.no_grad()
     def result(self) -> dict[str, torch.Tensor] | None:
-        """The noised sum divided by the sites planned, or None when no update came."""
+        """The noised sum divided by the sites planned, or None when no update came (noised
+        once: the same release on every call)."""
         if self._sum is None:
             return None
-        std = self.cfg.noise_multiplier * self.cfg.clip
-        return {k: (v + torch.normal(0.0, std, v.shape, generator=self.generator))
-                / self.planned for k, v in self._sum.items()}
+        if self._released is None:
+            std = self.cfg.noise_multiplier * self.cfg.clip
+            for v in self._sum.values():
+                v.add_(torch.normal(0.0, std, v.shape, generator=self.generator))
+                v.div_(self.planned)
+            self._released = self._sum
+        return self._released
 
 
 def epsilon(history: list[tuple[float, float, int]], delta: float) -> float:

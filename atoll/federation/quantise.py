@@ -55,7 +55,9 @@ def dequantise(q: torch.Tensor, scale: torch.Tensor, kind: str, n_blocks: int, b
     if kind in WIDTH:
         a, b = LEVELS[kind]
         q = unpack_bits(q, WIDTH[kind]).reshape(n_blocks, block).float() * a - b
-    return (q.float() * scale[:, None]).reshape(-1)
+    # scaled in place: q.float() is always a new tensor here (the wire codes are never
+    # float), and one float copy of the largest tensor is what decoding may cost
+    return q.float().mul_(scale[:, None]).reshape(-1)
 
 
 def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:

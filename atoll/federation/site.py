@@ -16,6 +16,11 @@ any round. One round is a pipeline of five stages (:meth:`Site.run`):
 The site trains on its own ``device`` (:mod:`atoll.train.device`); weights cross to it once
 a round (the received ones in) and back once (the trained ones out, to form the
 pseudo-gradient on the host in fp32), so what is encoded and sent never depends on it.
+
+A site may be several processes (``parallel``, :mod:`atoll.train.distributed`): each runs
+this same Site on the plan rank 0 received, trains its share of every global batch and saves
+its own state; the trained tensors stream to rank 0 one at a time, and only rank 0 encodes,
+signs and answers.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from atoll.federation.protocol import (
 from atoll.federation.site_state import SiteState, data_seed
 from atoll.ledger.receipts import build_receipt, sign_receipt
 from atoll.ledger.signing import Signer
-from atoll.train.device import resolve_device, to_device_all, to_host
+from atoll.train.device import resolve_device, to_host
+from atoll.train.distributed import Parallel, local_device
 from atoll.train.inner import TrainResult
 from atoll.util.errors import WireError
 
@@ -54,13 +60,17 @@ class Site:
     """One member of a federation, with data that never leaves it."""
 
     def __init__(self, name: str, data_dir: str | Path, state_dir: str | Path,
-                 pace_s: float = 0.0, device: str = "cpu") -> None:
+                 pace_s: float = 0.0, device: str = "cpu", parallel: Parallel | None = None
+                 ) -> None:
         self.name = name
+        self.parallel = parallel or Parallel()  # this process among the site's processes
         self.pace_s = pace_s  # emulated hardware: every inner step takes at least this long
         self.data_dir = Path(data_dir)
         self.state_dir = Path(state_dir)
-        self.device = resolve_device(device)  # this machine's: auto, cpu, cuda, cuda:N
-        self.state = SiteState(name, self.data_dir, self.state_dir, self.device)
+        # this machine's (auto, cpu, cuda, cuda:N); with several processes, one GPU each
+        self.device = local_device(resolve_device(device))
+        self.state = SiteState(name, self.data_dir, self.parallel.state_dir(self.state_dir),
+                               self.device, self.parallel)
         # trained between rounds: (after round, results, the sources consent allowed then)
         self._ahead: tuple[int, list[TrainResult], set[int] | None] | None = None
         self._allowed: set[int] | None = None  # sources consent lets this round read
@@ -75,25 +85,35 @@ class Site:
 
     @property
     def overlap_steps(self) -> int:
-        """Steps to train ahead between rounds (streaming with overlap), per the run spec."""
+        """Steps to train ahead between rounds (streaming with overlap), per the run spec;
+        none for a site of several processes (they train the overlap on receipt, together)."""
+        if self.parallel.world > 1:
+            return 0
         return self.state.spec.overlap_steps if self.state.spec else 0
 
     def answer(self, head: dict[str, Any], blob: bytes,
                on_step: StepCallback | None = None) -> tuple[dict[str, Any], bytes]:
-        """A plan in its wire form (header, tensor bytes) in, the update's out."""
+        """A plan in its wire form (header, tensor bytes) in, the update's out (on rank 0;
+        every process of a site is given the same plan, the others get ``({}, b"")``)."""
         plan = from_parts(head, blob, RoundPlan)
         if plan.site != self.name:
             raise WireError(f"plan addressed to site {plan.site!r} reached site {self.name!r}")
         update = self.run(plan, on_step)
+        if update is None:
+            return {}, b""
         return header(update), tensor_bytes(update.delta)
 
-    def run(self, plan: RoundPlan, on_step: StepCallback | None = None) -> SiteUpdate:
-        """One round: receive -> train -> pseudo-gradient -> encode -> sign."""
+    def run(self, plan: RoundPlan, on_step: StepCallback | None = None) -> SiteUpdate | None:
+        """One round: receive -> train -> pseudo-gradient -> encode -> sign (``None`` on the
+        processes of a site other than rank 0: they only save their state)."""
         spec = self.state.spec_for(plan)
         ahead = self._usable_ahead(plan, spec)
         received = self.receive(plan, spec)
         result = self.train(plan, spec, received, ahead, self._paced(on_step))
         delta = self.pseudo_gradient(plan, spec)
+        if not self.parallel.is_main:
+            self.save(plan, spec)
+            return None
         encoded = self.encode(plan, spec, delta)
         return self.sign(plan, spec, result, encoded)
 
@@ -116,6 +136,8 @@ class Site:
         st = self.state
         st.build(spec)
         st.restore(spec, plan.round)
+        self.parallel.agree(st.completed, f"site {self.name}: the round whose saved state "
+                            f"each process starts from")
         allowed = self._allowed
         if allowed is not None and not allowed:
             raise ValueError(f"site {self.name}: no contribution in {self.data_dir} allows "
@@ -155,18 +177,19 @@ class Site:
                 results = ahead
                 st.trainer.step = plan.step + sum(r.steps for r in results)
             else:
-                results.append(st.trainer.run(st.reader.next_batch, spec.overlap_steps, 0,
-                                              on_step))
+                results.append(st.trainer.run(st.next_batch, spec.overlap_steps, 0,
+                                              on_step, self.parallel.any_rank))
         alpha = spec.merge_alpha if results else 0.0
-        params = dict(st.model.named_parameters())
-        with torch.no_grad():
-            for n, w in to_device_all(received, self.device).items():
-                params[n].mul_(alpha).add_(w, alpha=1 - alpha)  # local = a*local + (1-a)*w
-            st.anchor.update(received)  # kept on the host for the pseudo-gradient
+        self.parallel.load(st.model, received, alpha)  # local = a*local + (1-a)*w
+        st.anchor.update(received)  # kept on the host for the pseudo-gradient
         done = sum(r.steps for r in results)
-        results.append(st.trainer.run(st.reader.next_batch, plan.steps - done if plan.steps
-                                      else 0, plan.time_budget_s, on_step))
-        return TrainResult.combine(results)
+        results.append(st.trainer.run(st.next_batch, plan.steps - done if plan.steps
+                                      else 0, plan.time_budget_s, on_step,
+                                      self.parallel.any_rank))
+        result = TrainResult.combine(results)
+        result.tokens *= self.parallel.world  # each process counted its share of the batches
+        result.loss = self.parallel.mean(result.loss)  # and measured the loss on it
+        return result
 
     # -- 3. pseudo-gradient ----------------------------------------------------------------
 
@@ -175,6 +198,9 @@ class Site:
         st = self.state
         params = dict(st.model.named_parameters())
         sent = st.fragment(plan.round) if spec.streaming else list(params)
+        if self.parallel.world > 1:  # gathered from the processes one tensor at a time
+            return {n: st.anchor[n] - t for n, t in self.parallel.full_tensors(st.model, sent)
+                    if t is not None}
         trained = to_host({n: params[n] for n in sent})  # fp32 on the host, whatever device
         with torch.no_grad():
             return {n: st.anchor[n] - trained[n] for n in sent}
@@ -200,8 +226,7 @@ class Site:
         receipt = build_receipt(run_id=plan.run_id, round_=plan.round, site=self.name,
                                 purpose=spec.purpose, rows_by_source=st.rows_read(),
                                 sources=dataset.sources, seq_len=dataset.seq_len, delta=encoded)
-        st.keep_anchor = spec.streaming or spec.keep_weights
-        st.save(plan.round, plan.keep_since)
+        self.save(plan, spec)
         signer = self.signer()
         return SiteUpdate(
             run_id=plan.run_id, round=plan.round, site=self.name, delta=encoded,
@@ -209,6 +234,11 @@ class Site:
             seconds=result.seconds, compute_seconds=result.compute_seconds,
             codec=parse_spec(spec.codec_up).spec, receipt=receipt,
             receipt_signature=sign_receipt(receipt, signer), signer=signer.public)
+
+    def save(self, plan: RoundPlan, spec: RunSpec) -> None:
+        """Save this process's state at the end of ``plan``'s round."""
+        self.state.keep_anchor = spec.streaming or spec.keep_weights
+        self.state.save(plan.round, plan.keep_since)
 
     def signer(self) -> Signer:
         """This site's own Ed25519 key (made on first use, kept with its state)."""
@@ -227,7 +257,7 @@ class Site:
             return
         results = []
         while len(results) < max_steps and not stop.is_set():
-            results.append(st.trainer.run(st.reader.next_batch, 1, 0, self._paced(None)))
+            results.append(st.trainer.run(st.next_batch, 1, 0, self._paced(None)))
         self._ahead = (st.completed, results, self._allowed)
 
     def saved_rounds(self) -> list[int]:

@@ -8,7 +8,8 @@ fresh one each time (Flower starts one per message).
 
 The model and its AdamW state live on the site's device; the received weights (the anchor
 of the pseudo-gradient), the error-feedback residual and everything saved stay on the host,
-in fp32.
+in fp32. A site of several processes (:mod:`atoll.train.distributed`) keeps one such state
+per process: the same cursor on all of them, each its own part of a sharded model.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from atoll.data.reader import PackedReader, TokenDataset
 from atoll.federation.codecs import ErrorFeedback
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import RoundPlan, RunSpec
-from atoll.train.device import to_host
+from atoll.train.distributed import Parallel
 from atoll.train.inner import InnerConfig, InnerTrainer
 from atoll.util.atomic import write_atomic
 from atoll.util.hashing import seed_of
 from atoll.util.round_folders import RoundFolders
 from atoll.util.storage import load_state, save_state
-from atoll.util.weights import load_weights
 
 KEEP_STATES = 2
 SPEC_FILE = "spec.json"
@@ -46,8 +46,9 @@ class SiteState:
     """The objects a site trains with, built for one run spec, and their saved rounds."""
 
     def __init__(self, name: str, data_dir: Path, state_dir: Path,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, parallel: Parallel | None = None) -> None:
         self.name = name
+        self.parallel = parallel or Parallel()  # this process among the site's processes
         self.device = device or torch.device("cpu")  # where the model trains
         self.data_dir = Path(data_dir)
         self.state_dir = Path(state_dir)
@@ -96,7 +97,8 @@ class SiteState:
         with self.device:  # made where it trains: no host copy of a large model
             self.model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         inner = InnerConfig(**spec.inner)
-        self.trainer = InnerTrainer(self.model, inner, spec.total_steps)
+        forward = self.parallel.wrap(self.model)  # before the optimizer: FSDP2 shards in place
+        self.trainer = InnerTrainer(self.model, inner, spec.total_steps, forward=forward)
         dataset = TokenDataset(self.data_dir, "train", spec.seq_len)
         if dataset.manifest["vocab_size"] > cfg.vocab_size:
             raise ValueError(f"site {self.name}: data in {self.data_dir} was prepared with a "
@@ -110,6 +112,10 @@ class SiteState:
         self.shapes = {n: p.shape for n, p in self.model.named_parameters()}
         self.fragments = split_fragments(self.shapes, spec.fragments)
         self._key, self.completed = spec.build_key, None
+
+    def next_batch(self) -> torch.Tensor:
+        """The next batch this process trains on: its share of the reader's global batch."""
+        return self.parallel.local_rows(self.reader.next_batch())
 
     def fragment(self, round_: int) -> list[str]:
         """The tensors round ``round_`` syncs (all of them unless streaming)."""
@@ -130,12 +136,14 @@ class SiteState:
             if self.completed is not None:
                 self.rebuild(spec)
             return
-        self.trainer.load_state_dict(state["trainer"])
+        trainer = state["trainer"]
+        self.trainer.load_state_dict(dict(trainer, optimizer=self.parallel.sharded_state(
+            trainer["optimizer"], self.trainer.optimizer)))
         self.reader.load_state_dict(state["reader"])
         self.yielded_base = dict(self.reader.yielded)
         self.feedback.residual = dict(state.get("residual", {}))
         if state.get("local"):  # streaming: the model is not replaced whole every round
-            load_weights(self.model, state["local"])
+            self.parallel.load_local_weights(self.model, state["local"])
             self.anchor = dict(state["anchor"])
         self.completed = latest
 
@@ -157,11 +165,12 @@ class SiteState:
     def save(self, round_: int, keep_since: int = 0) -> None:
         """Save the end state of ``round_``; keep what a repeat of round ``keep_since + 1``
         and later would start from."""
-        state = {"key": self._key, "round": round_, "trainer": self.trainer.state_dict(),
+        state = {"key": self._key, "round": round_,
+                 "trainer": self.parallel.local_state(self.trainer.state_dict()),
                  "reader": self.reader.state_dict(), "residual": self.feedback.residual,
                  "saved_at": time.time()}
         if self.keep_anchor:
-            state["local"] = to_host(dict(self.model.named_parameters()))
+            state["local"] = self.parallel.local_weights(self.model)
             state["anchor"] = dict(self.anchor)
         save_state(state, self.folders.path(round_))
         self.yielded_base = dict(self.reader.yielded)

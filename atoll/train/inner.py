@@ -117,7 +117,10 @@ class InnerTrainer:
     """AdamW on ``model`` with a warm-up + cosine schedule on a global step clock, on the
     device the model is on."""
 
-    def __init__(self, model: torch.nn.Module, cfg: InnerConfig, total_steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: InnerConfig, total_steps: int,
+                 forward: torch.nn.Module | None = None) -> None:
+        """``forward`` (default: ``model``) is what the batches run through: a data-parallel
+        wrapper sharing ``model``'s parameters (:mod:`atoll.train.distributed`)."""
         self.model = model
         self.cfg = cfg
         self.total_steps = total_steps
@@ -128,7 +131,8 @@ class InnerTrainer:
             enable_activation_checkpointing(model)
         # the compiled module shares the model's parameters; the model itself stays plain
         # (its state dict keys, its use for evaluation)
-        self.forward = torch.compile(model) if cfg.compile else model
+        forward = model if forward is None else forward
+        self.forward = torch.compile(forward) if cfg.compile else forward
         self.optimizer = build_adamw(model, cfg)
         self.step = 0  # global schedule position: inner steps since the run began
 
@@ -162,10 +166,13 @@ class InnerTrainer:
 
     def run(self, next_batch: Callable[[], torch.Tensor], max_steps: int = 0,
             time_budget_s: float = 0.0,
-            on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+            on_step: Callable[[int, float], None] | None = None,
+            any_rank: Callable[[bool], bool] = bool) -> TrainResult:
         """Train for ``max_steps`` steps, or until ``time_budget_s`` seconds have passed.
 
         With both set, whichever comes first ends the stretch; at least one step is taken.
+        ``any_rank`` makes the clock's verdict common to processes that step together (when
+        one is out of time, all stop: :meth:`atoll.train.distributed.Parallel.any_rank`).
         """
         if max_steps <= 0 and time_budget_s <= 0:
             raise ValueError("give max_steps or time_budget_s")
@@ -183,7 +190,7 @@ class InnerTrainer:
                 on_step(steps, loss)
             if max_steps > 0 and steps >= max_steps:
                 break
-            if time_budget_s > 0 and time.perf_counter() - start >= time_budget_s:
+            if time_budget_s > 0 and any_rank(time.perf_counter() - start >= time_budget_s):
                 break
         return TrainResult(steps, tokens, loss_sum / steps, time.perf_counter() - start, compute)
 

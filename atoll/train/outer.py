@@ -37,9 +37,14 @@ class OuterConfig:
     def build(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         """The torch optimizer over the global weights ``params``: SGD (Nesterov by default)
         or Adam."""
+        # foreach=False: one tensor at a time. The foreach kernels make temporaries for the
+        # whole parameter list at once (a model's worth at the coordinator); per tensor they
+        # are one tensor, and the step is the same arithmetic
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999))
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
+            return torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999),
+                                    foreach=False)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                               foreach=False)
 
 
 class OuterOptimizer:
@@ -52,7 +57,8 @@ class OuterOptimizer:
 
     @torch.no_grad()
     def step(self, pseudo_gradient: dict[str, torch.Tensor]) -> None:
-        """theta <- outer_step(theta, mean pseudo-gradient).
+        """theta <- outer_step(theta, mean pseudo-gradient), without copying it (a float32
+        pseudo-gradient becomes the gradient as it is).
 
         Tensors absent from ``pseudo_gradient`` (other fragments, in streaming sync) are left
         alone, momentum included: torch's optimizers skip parameters without a gradient."""

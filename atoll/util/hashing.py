@@ -25,5 +25,7 @@ def tensors_digest(named: dict[str, torch.Tensor]) -> str:
     for name in sorted(named):
         t = named[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        # the tensor's own bytes, not a copy of them (an update of a large model is
+        # gigabytes)
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
