@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "atoll"
 LAYERS = [
     ("cli",),
     ("app",),
-    ("engines", "deploy"),
+    ("engines", "deploy", "capacity"),
     ("federation",),
     ("train", "model", "data", "consent", "ledger", "tokenizer"),
     ("config",),
