@@ -13,6 +13,7 @@ value; the loader prefixes the message with the key's dotted path and the file n
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -140,6 +141,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"'{where}' must be a table, got {value!r}")
+        _refuse_non_finite(value, where)
         return dict(value)
     if origin is typing.Literal:
         args = typing.get_args(hint)
@@ -148,6 +150,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"'{where}' must be one of {choices}, got {value!r}")
         return value
     if hint is Any:
+        _refuse_non_finite(value, where)
         return value
     return _coerce_scalar(hint, value, where)
 
@@ -181,11 +184,25 @@ def _coerce_sequence(origin: type, args: tuple[Any, ...], value: Any, where: str
     return tuple(out) if origin is tuple else out
 
 
+def _refuse_non_finite(value: Any, where: str) -> None:
+    """A ConfigError naming ``where`` if ``value`` is, or holds, nan or inf (TOML has both,
+    and either would pass every ``x < limit`` check and poison what it reaches)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"'{where}' must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_non_finite(v, _join(where, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_non_finite(v, f"{where}[{i}]")
+
+
 def _coerce_scalar(hint: Any, value: Any, where: str) -> Any:
     """A number, integer, bool or string; TOML's bools are not numbers here."""
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{where}' must be a number, got {value!r}")
+        _refuse_non_finite(value, where)
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

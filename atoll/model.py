@@ -52,6 +52,8 @@ PRESETS: dict[str, Callable[[int], LlamaConfig]] = {
     "350m": _llama(hidden=1024, layers=24, heads=16, ffn=2816),  # 374M
     "1b": _llama(hidden=2048, layers=22, heads=32, ffn=5632, kv_heads=4),  # 1.1B
     "7b": _llama(hidden=4096, layers=32, heads=32, ffn=11008, context=4096),  # 6.7B
+    # Llama-2-70B's shape, for planning (atoll plan) and meta-device tests: 69.0B
+    "70b": _llama(hidden=8192, layers=80, heads=64, ffn=28672, kv_heads=8, context=4096),
 }
 
 
@@ -60,7 +62,8 @@ class ModelConfig:
     """Which causal LM a run trains."""
 
     preset: str = "tiny"
-    """A preset name (tiny, small, 60m, 125m, 350m, 1b, 7b); ignored when ``path`` is set."""
+    """A preset name (tiny, small, 60m, 125m, 350m, 1b, 7b, 70b); ignored when ``path``
+    is set."""
     path: str = ""
     """A local ``config.json`` or Hugging Face model directory to use instead of a preset."""
     pretrained: bool = False

@@ -119,6 +119,7 @@ def child(preset: str, vocab: int, n_sites: int, codec: str) -> dict:
             "largest": max(math.prod(s) for s in shapes.values()),
             "stated": stated.total, "parts": vars(stated), "peak": max(rss),
             "after_first_site": rss[2], "after_last_site": rss[-2], "after_close": rss[-1],
+            "after_each_site": rss[2:-1],
             "build_s": built, "s_per_update": sum(seconds) / len(seconds)}
 
 

@@ -34,6 +34,9 @@ FAST = {
     "coordinator_memory.py": ([], ["peak RSS", "measured / stated", "bytes/param"]),
     "prepare.py": ([], ["byte-level (uint16)", "70,000 ids (uint32)", "ratio 2 / 1",
                         "peak memory allocated"]),
+    "plan_check.py": ([], ["payload up", "exact: True", "predicted / measured"]),
+    "gpu.py": ([], ["site trainer (InnerTrainer.run)", "bare PyTorch loop", "ratio site / bare",
+                    "MFU", "same losses: yes", "7b memory", "the planner's count agrees"]),
 }
 # real Flower processes: the fast development loop (make check) leaves them out
 FLOWER = {
@@ -42,7 +45,7 @@ FLOWER = {
                                 "MB each way via file:// store"]),
 }
 # modules the benchmarks import or start, not benchmarks themselves
-HELPERS = {"flower_echo_app.py", "one_site.py", "smoke.py"}
+HELPERS = {"flower_echo_app.py", "gpu_loops.py", "one_site.py", "smoke.py"}
 
 
 def run_smoke(script: str, extra: list[str], tmp: Path | None = None) -> str:

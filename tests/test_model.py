@@ -12,7 +12,7 @@ from atoll.model import PRESETS, ModelConfig, count_parameters, export
 from atoll.tokenizer import byte_tokenizer
 
 EXPECTED = {"tiny": 1.1e6, "small": 5.3e6, "60m": 58e6, "125m": 134e6, "350m": 374e6,
-            "1b": 1.1e9, "7b": 6.7e9}
+            "1b": 1.1e9, "7b": 6.7e9, "70b": 69.0e9}
 
 
 class VocabOf32k:

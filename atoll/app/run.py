@@ -44,7 +44,7 @@ class Run:
         self.progress = progress or Progress(quiet=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.folder = RunFolder(self.out)
+        self.folder = RunFolder(self.out, log=self.progress.log)  # locked before any write
         self.run_id = self.folder.identity(cfg.name, resume)
         if not resume:
             save_config(cfg, self.out / "config.toml")
@@ -187,8 +187,14 @@ class Run:
                                  "bytes_down": self.bytes_down}}
         parts |= {f"baseline-{b.kind}": b.state_dict() for b in self.baselines}
         path = self.folder.save_checkpoint(r, parts, self.cfg.checkpoint.keep)
-        self.coordinator.checkpointed = r
+        self.coordinator.checkpointed = self._restart_floor()
         return path
+
+    def _restart_floor(self) -> int:
+        """The oldest round a restart may go back to: a damaged newest checkpoint is passed
+        over for an older one, so sites keep the state to repeat rounds from there."""
+        kept = self.checkpoints()
+        return kept[0] if kept else 0
 
     def checkpoints(self) -> list[int]:
         """The rounds that have a checkpoint, oldest first."""
@@ -203,7 +209,7 @@ class Run:
             return
         state = parts["coordinator"]
         self.coordinator.load_state_dict(state)
-        self.coordinator.checkpointed = self.coordinator.round
+        self.coordinator.checkpointed = min(self._restart_floor(), self.coordinator.round)
         self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
         for b in self.baselines:
             b.load_state_dict(parts[f"baseline-{b.kind}"])

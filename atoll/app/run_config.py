@@ -24,6 +24,7 @@ from atoll.train.baselines import BASELINE_KINDS
 from atoll.train.device import check_device_name
 from atoll.train.inner import InnerConfig
 from atoll.train.outer import OuterConfig
+from atoll.util.deadlines import round_deadline_s
 
 
 @dataclass
@@ -39,7 +40,8 @@ class SiteConfig:
     """Simulation only: every inner step takes at least this long (emulates slower hardware)."""
     fault: str = ""
     """Simulation only, for drills and benchmarks: make this site misbehave (sign_flip,
-    scale100, noise, zero, replay, nan, shape, stale, garbage; atoll.federation.faults)."""
+    scale100, noise, zero, replay, nan, shape, stale, garbage, ...; several in turn: a,b,c;
+    atoll.federation.faults)."""
 
     def check(self) -> None:
         """Refuse an unknown fault and a name that cannot be a folder or a key's name."""
@@ -225,6 +227,8 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
         cfg.tokenizer = str((base / cfg.tokenizer).resolve())
     if cfg.model.path:
         cfg.model.path = str((base / cfg.model.path).resolve())
+    if not simulation and cfg.federation.deadline_s == 0:  # a deployed round must end
+        cfg.federation.deadline_s = round_deadline_s(cfg.federation.time_budget_s)
     must_exist = [*cfg.sites, *cfg.eval.sets] if simulation else cfg.eval.sets
     for item in must_exist:
         if not item.data or not Path(item.data).is_dir():

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from atoll.cli.fail import fail
-from atoll.federation.fault_kinds import FAULTS
+from atoll.federation.fault_kinds import FAULTS, check_fault
 
 INSECURE_HELP = "no TLS, no authentication (loopback development only)"
 
@@ -30,6 +30,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     """``atoll coordinator``: serve a new or resumed run to sites on other machines."""
     from atoll.app.follow import RunFollower
     from atoll.app.run_config import prepare_deployed_run
+    from atoll.app.run_folder import lock_run_folder
     from atoll.deploy.coordinator_host import CoordinatorOptions, serve_coordinator
 
     if bool(args.config) == bool(args.resume):
@@ -37,6 +38,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     out = Path(args.resume or args.out or "")
     if not args.resume and not args.out:
         return fail("coordinator: --out DIR is required")
+    if not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():  # before anything is written there; held until this process exits
+        lock = lock_run_folder(out, name=".coordinator.lock")  # noqa: F841
     config = prepare_deployed_run(out, args.config or None, list(args.overrides),
                                   bool(args.resume))
     opts = CoordinatorOptions(out=out, host=args.host, port=args.port,
@@ -44,6 +49,15 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                               insecure=args.insecure, resume=bool(args.resume),
                               public_address=args.public_address or "")
     return serve_coordinator(opts, config, on_poll=RunFollower(out).poll)
+
+
+def _fault_spec(text: str) -> str:
+    """``--fault``'s value, once every kind it names is known."""
+    try:
+        check_fault(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def cmd_site(args: argparse.Namespace) -> int:
@@ -151,6 +165,7 @@ def _add_site(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     t.add_argument("--max-wait", type=float, default=0.0,
                    help="give up after this many seconds without a connection (0 = never)")
-    t.add_argument("--fault", choices=[f for f in FAULTS if f],
-                   help="drills: make this site misbehave (see the README)")
+    t.add_argument("--fault", type=_fault_spec, metavar="KIND[,KIND...]",
+                   help="drills: make this site misbehave, one kind a round in turn ("
+                        f"{', '.join(f for f in FAULTS if f)}; see the README)")
     t.set_defaults(func=cmd_site)

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from atoll.cli import contrib, deploy, local
+from atoll.cli import contrib, deploy, local, plan
 from atoll.cli.fail import fail
 from atoll.config import ConfigError
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_parsers(sub)
     deploy.add_parsers(sub)
     contrib.add_parsers(sub)
+    plan.add_parser(sub)
     return p
 
 

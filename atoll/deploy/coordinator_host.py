@@ -88,9 +88,10 @@ class CoordinatorHost:
     def start_run(self, config_path: Path) -> int:
         """Launch the atoll ServerApp on the SuperLink with ``flwr run``; the Flower run id."""
         app = fc.write_app(self.flower / "app")
-        run_config = (f"config='{config_path.resolve()}' out='{self.opts.out.resolve()}' "
-                      f"resume={'true' if self.opts.resume else 'false'}")
-        res = fc.flwr_json(["run", str(app), fc.CONNECTION, "--run-config", run_config],
+        run_config = fc.write_toml(self.flower / "run-config.toml", {
+            "config": str(config_path.resolve()), "out": str(self.opts.out.resolve()),
+            "resume": self.opts.resume})
+        res = fc.flwr_json(["run", str(app), fc.CONNECTION, "--run-config", str(run_config)],
                            self.env)
         if not res.get("success"):
             raise RuntimeError(f"flwr run failed: {res.get('error-message')}")

@@ -16,6 +16,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from atoll.util.atomic import write_atomic
 
 APP_NAME = "atoll"
 CONNECTION = "atoll"
@@ -116,37 +121,32 @@ def stop_group(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
     proc.wait()
 
 
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """``data`` as a TOML file at ``path``: every string is quoted and escaped by a TOML
+    writer, so a path or name holding quotes, spaces or newlines stays one value."""
+    write_atomic(path, tomli_w.dumps(data).encode())
+    return path
+
+
 def write_connection(flwr_home: Path, address: str, ca: Path | None) -> None:
     """The ``flwr`` CLI's connection to our SuperLink (``$FLWR_HOME/config.toml``)."""
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-             f'address = "{address}"']
-    lines.append(f'root-certificates = "{ca.resolve()}"' if ca else "insecure = true")
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+    conn: dict[str, Any] = {"address": address}
+    conn |= {"root-certificates": str(ca.resolve())} if ca else {"insecure": True}
+    write_toml(flwr_home / "config.toml", {"superlink": {"default": CONNECTION,
+                                                          CONNECTION: conn}})
 
 
 def write_app(app_dir: Path) -> Path:
     """A Flower App whose code is the installed ``atoll`` package: the FAB is this one file."""
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(f"""[project]
-name = "{APP_NAME}"
-version = "1.0.0"
-description = "atoll federated pre-training"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "atoll"
-
-[tool.flwr.app.components]
-serverapp = "atoll.app.flower_server:server_app"
-clientapp = "atoll.engines.flower_client:client_app"
-
-[tool.flwr.app.config]
-config = ""
-out = ""
-resume = false
-""")
+    write_toml(app_dir / "pyproject.toml", {
+        "project": {"name": APP_NAME, "version": "1.0.0",
+                    "description": "atoll federated pre-training", "license": "Apache-2.0",
+                    "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "atoll",
+            "components": {"serverapp": "atoll.app.flower_server:server_app",
+                           "clientapp": "atoll.engines.flower_client:client_app"},
+            "config": {"config": "", "out": "", "resume": False}}}}})
     return app_dir
 
 

@@ -85,10 +85,11 @@ class SiteOptions:
 
 def supernode_command(o: SiteOptions, port: int) -> list[str]:
     """The ``flower-supernode`` command line of site ``o``, its ClientApp on ``port``."""
-    node_config = (f"name='{o.name}' data='{o.data.resolve()}' "
-                   f"state='{o.state.resolve()}' worker=true")
+    node_config = fc.write_toml(o.state / "node-config.toml", {
+        "name": o.name, "data": str(o.data.resolve()), "state": str(o.state.resolve()),
+        "worker": True})
     cmd = [fc.tool("flower-supernode"), "--superlink", o.coordinator, "--port", str(port),
-           "--node-config", node_config]
+           "--node-config", str(node_config.resolve())]
     if o.insecure:
         return [*cmd, "--insecure"]
     return [*cmd, "--root-certificates", str(o.ca.resolve()),

@@ -27,10 +27,10 @@ from atoll.federation.protocol import (
     SiteFailure,
     SiteUpdate,
     WireError,
-    from_parts,
     header,
     tensor_bytes,
 )
+from atoll.federation.wire_checks import checked_update, parse_header
 
 HELLO = "query.hello"
 TRAIN = "train"
@@ -147,16 +147,25 @@ class FlowerEngine:
                 yield SiteFailure(site, r, f"Flower error {reply.error.code}: "
                                            f"{reply.error.reason}")
             else:
-                try:
-                    head = json.loads(str(reply.content.config_records["update"]["header"]))
-                    blob = unpack(reply.content)
-                    update = from_parts(head, blob, SiteUpdate)
-                except (WireError, KeyError, ValueError, TypeError) as e:
-                    yield SiteFailure(site, r, f"undecodable reply: {e}")
-                    continue
-                update.bytes_down = down[site]
-                update.bytes_up = len(blob) + len(json.dumps(head))
-                yield update
+                yield self._decode_reply(reply, site, r, down[site])
+
+    @staticmethod
+    def _decode_reply(reply: Message, site: str, round_: int, bytes_down: int
+                      ) -> SiteUpdate | SiteFailure:
+        """Site ``site``'s reply as an update whose header fields all have their types, or
+        the reason it is refused: no reply, however made, raises here."""
+        try:
+            text = str(reply.content.config_records["update"]["header"])
+            head = parse_header(text)
+            blob = unpack(reply.content)
+            update = checked_update(head, blob, sender=site)
+        except WireError as e:
+            return SiteFailure(site, round_, f"undecodable reply: {e}")
+        except Exception as e:  # noqa: BLE001 - no reply may stop the round
+            return SiteFailure(site, round_, f"undecodable reply ({type(e).__name__}: {e})")
+        update.bytes_down = bytes_down
+        update.bytes_up = len(blob) + len(text)
+        return update
 
     def _payloads(self, plans: dict[str, RoundPlan]) -> dict[str, tuple[RecordDict, int]]:
         """Each site's weights payload and its size. Sites whose plans share one payload

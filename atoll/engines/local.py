@@ -25,11 +25,11 @@ from atoll.federation.protocol import (
     SiteFailure,
     SiteUpdate,
     WireError,
-    from_parts,
     header,
     tensor_bytes,
 )
 from atoll.federation.site import Site
+from atoll.federation.wire_checks import checked_update, parse_header
 
 StepCallback = Callable[[str, int, int, float], None]  # site, round, step, loss
 
@@ -60,7 +60,7 @@ class LocalEngine:
         try:
             up_head, up_blob = self.sites[name].answer(json.loads(head), blob, callback)
             up_head = json.dumps(up_head)
-            reply = from_parts(json.loads(up_head), up_blob, SiteUpdate)
+            reply = checked_update(parse_header(up_head), up_blob, sender=name)
         except WireError as e:
             return SiteFailure(site=name, round=plan.round, reason=str(e))
         except Exception as e:  # noqa: BLE001 - one misbehaving site never stops the others

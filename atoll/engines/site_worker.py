@@ -15,28 +15,61 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
+import struct
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Client, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Listener, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
 
 SOCKET = "worker.sock"
 KEY = "worker.key"
+HANDSHAKE_S = 30.0
+"""How long either side waits for the other's part of the key handshake."""
 
 
-def call_worker(state_dir: str | Path, head: dict[str, Any], blob: bytes
-                ) -> tuple[dict[str, Any], bytes]:
-    """Send a plan (header + weights bytes) to the site worker; its (header, bytes) reply."""
+def call_worker(state_dir: str | Path, head: dict[str, Any], blob: bytes,
+                timeout_s: float | None = None) -> tuple[dict[str, Any], bytes]:
+    """Send a plan (header + weights bytes) to the site worker; its (header, bytes) reply.
+
+    A worker that does not answer within ``timeout_s`` (default: the round's own bound,
+    :func:`~atoll.util.deadlines.round_deadline_s` of the plan's time budget) raises
+    :class:`TimeoutError` rather than holding the ClientApp forever."""
+    from atoll.util.deadlines import round_deadline_s
+
     state_dir = Path(state_dir)
     key = (state_dir / KEY).read_bytes()
-    with Client(str(state_dir / SOCKET), family="AF_UNIX", authkey=key) as conn:
-        conn.send_bytes(json.dumps(head).encode())
-        conn.send_bytes(blob)
-        reply = json.loads(conn.recv_bytes())
-        if "error" in reply:
-            raise RuntimeError(reply["error"])
-        return reply, conn.recv_bytes()
+    if timeout_s is None:
+        timeout_s = round_deadline_s(float(head.get("time_budget_s", 0) or 0))
+    with Client(str(state_dir / SOCKET), family="AF_UNIX") as conn:
+        try:
+            _read_timeout(conn, HANDSHAKE_S)
+            answer_challenge(conn, key)
+            deliver_challenge(conn, key)
+            conn.send_bytes(json.dumps(head).encode())
+            conn.send_bytes(blob)
+            _read_timeout(conn, timeout_s)
+            reply = json.loads(conn.recv_bytes())
+            if "error" in reply:
+                raise RuntimeError(reply["error"])
+            return reply, conn.recv_bytes()
+        except BlockingIOError:  # what a read past SO_RCVTIMEO raises
+            raise TimeoutError(f"the site worker at {state_dir / SOCKET} did not answer "
+                               f"within {timeout_s:g}s") from None
+
+
+def _read_timeout(conn: Any, seconds: float) -> None:
+    """Make every later read on ``conn`` give up after ``seconds`` (the socket's own
+    ``SO_RCVTIMEO``: it bounds the reads inside the handshake too)."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        whole = int(seconds)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+    finally:
+        sock.close()
 
 
 class SiteWorker:
@@ -55,7 +88,10 @@ class SiteWorker:
         key_path.chmod(0o600)
         sock = self.state_dir / SOCKET
         sock.unlink(missing_ok=True)
-        self.listener = Listener(str(sock), family="AF_UNIX", authkey=key)
+        self._key = key
+        # the handshake is done per connection, in its own thread (Listener's authkey would
+        # do it inside accept(): one failed or stalled client would stop the serving loop)
+        self.listener = Listener(str(sock), family="AF_UNIX")
         os.chmod(sock, 0o600)
         self._lock = threading.Lock()  # one round at a time, as one SuperNode sends them
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -75,8 +111,20 @@ class SiteWorker:
                 return  # closed
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
+    def _handshake(self, conn: Any) -> bool:
+        """Whether the caller proved it holds the key (within :data:`HANDSHAKE_S`)."""
+        try:
+            _read_timeout(conn, HANDSHAKE_S)
+            deliver_challenge(conn, self._key)
+            answer_challenge(conn, self._key)
+        except (AuthenticationError, EOFError, OSError):
+            return False
+        return True
+
     def _handle(self, conn: Any) -> None:
         with conn:
+            if not self._handshake(conn):
+                return  # refused; the loop goes on accepting
             try:
                 head = json.loads(conn.recv_bytes())
                 blob = conn.recv_bytes()

@@ -21,7 +21,8 @@ def check_header(update: SiteUpdate, run_id: str, round_: int, expected_sites: s
     if update.run_id != run_id:
         return f"belongs to run {update.run_id!r}, not {run_id!r}"
     if update.round != round_:
-        return f"stale: for round {update.round}, the open round is {round_}"
+        stale = "stale: " if update.round < round_ else ""
+        return f"{stale}for round {update.round}, the open round is {round_}"
     if update.site not in expected_sites:
         return f"site {update.site!r} was not asked to train in round {round_}"
     if update.tokens <= 0 or update.steps <= 0:

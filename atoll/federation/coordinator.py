@@ -22,12 +22,18 @@ from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.outcome import OnTimeTally, RoundOutcome
 from atoll.federation.planning import Planner
 from atoll.federation.privacy import PrivateMean, epsilon
-from atoll.federation.protocol import RoundPlan, SiteUpdate
+from atoll.federation.protocol import RoundPlan, SiteUpdate, header
 from atoll.federation.robust import RobustAggregate
 from atoll.federation.settings import CoordinatorConfig
+from atoll.federation.wire_checks import ReplyBounds, check_against_plan, check_fields
 from atoll.train.outer import OuterOptimizer
 from atoll.util.errors import WireError
 from atoll.util.hashing import tensors_digest
+
+MAX_WEIGHTED_NORM = 1e30
+"""An update whose weight (tokens) times L2 norm exceeds this is refused: honest ones are
+twenty orders of magnitude below it, and under it no sum of a round's updates can overflow
+float32 (3.4e38), so a finite update cannot make the mean NaN or infinite."""
 
 
 class Coordinator:
@@ -105,17 +111,41 @@ class Coordinator:
         return RobustAggregate(self.cfg.aggregation)
 
     def accept(self, update: SiteUpdate) -> str | None:
-        """Check ``update`` and fold it into the round; returns the rejection reason, if any."""
+        """Check ``update`` and fold it into the round; returns the rejection reason, if any.
+        Whatever goes wrong while handling it (an exception included) rejects it with the
+        reason; the round goes on."""
         out = self._outcome
         if out is None:
             return "no round is open"
+        try:
+            check_fields(header(update))
+        except WireError as e:
+            return self._refuse(update, f"malformed reply: {e}")
+        try:
+            return self._accept(update)
+        except Exception as e:  # noqa: BLE001 - no reply may stop the round
+            return self._refuse(update, f"reply could not be handled ({type(e).__name__}: "
+                                        f"{e})")
+
+    def _refuse(self, update: SiteUpdate, reason: str) -> str:
+        """Record ``reason`` against the planned site ``update`` names, if it is one."""
+        out = self._outcome
+        site = update.site if isinstance(update.site, str) else ""
+        if site in out.planned and site not in out.accepted:
+            out.rejected[site] = reason
+        return reason
+
+    def _accept(self, update: SiteUpdate) -> str | None:
+        """:meth:`accept` for an update whose fields have their types."""
+        out = self._outcome
         lag = out.round - update.round
         missed = self._missed.get(update.round, ())
         if 0 < lag <= self.cfg.federation.max_staleness and update.site in missed:
             return self._accept_late(update, lag)
         expected = set(self._planned) - set(out.accepted)
-        reason = check_header(update, self.run_id, out.round, expected, self.cfg.up.spec)
-        delta, reason = self._decode(update, reason)
+        reason = (check_header(update, self.run_id, out.round, expected, self.cfg.up.spec)
+                  or check_against_plan(update, self._bounds(out.round, update.site)))
+        delta, reason = self._decode(update, reason, float(update.tokens))
         if reason is not None:
             if update.site in expected:  # a later valid reply from it would still count
                 out.rejected[update.site] = reason
@@ -135,25 +165,30 @@ class Coordinator:
         asynchronous SGD it is applied as is, with the polynomial staleness weight of
         FedAsync (Xie et al. 2019): ``tokens / (1 + lag) ** staleness_exponent``."""
         out = self._outcome
-        reason = check_header(update, self.run_id, update.round, {update.site},
-                              self.cfg.up.spec)
-        delta, reason = self._decode(update, reason)
+        reason = (check_header(update, self.run_id, update.round, {update.site},
+                               self.cfg.up.spec)
+                  or check_against_plan(update, self._bounds(update.round, update.site)))
+        weight = update.tokens / (1 + lag) ** self.cfg.federation.staleness_exponent
+        delta, reason = self._decode(update, reason, weight)
         if reason is not None:
             out.rejected.setdefault(f"{update.site} (round {update.round})", reason)
             return reason
         self._missed[update.round].discard(update.site)
-        weight = update.tokens / (1 + lag) ** self.cfg.federation.staleness_exponent
         self._mean.add(delta, weight=weight)
         out.late.append(update.site)
         out.tokens += update.tokens
         return None
 
-    def _decode(self, update: SiteUpdate, reason: str | None
+    def _bounds(self, round_: int, site: str) -> ReplyBounds:
+        """What the plan ``site`` was sent for ``round_`` allows its reply to claim."""
+        return ReplyBounds.of(self.spec, round_, site, self.cfg.federation.steps_per_round)
+
+    def _decode(self, update: SiteUpdate, reason: str | None, weight: float
                 ) -> tuple[Decoded | None, str | None]:
         """The checked pseudo-gradient, decoded one tensor at a time as it is read, or the
-        reason it cannot be used. Checking reads each tensor once (shape, finite values and
-        the norm in one pass), the audit once more, adding it once more: a decoded tensor at
-        a time, never the whole update."""
+        reason it cannot be used (with ``weight`` in the mean). Checking reads each tensor
+        once (shape, finite values and the norm in one pass), the audit once more, adding
+        it once more: a decoded tensor at a time, never the whole update."""
         if reason is not None:
             return None, reason
         shapes = {n: self.shapes[n] for n in self._synced(update.round)}
@@ -163,6 +198,9 @@ class Coordinator:
             reason, norm = check_delta(delta, shapes)
         except WireError as e:
             return None, f"undecodable update: {e}"
+        if reason is None and weight * norm > MAX_WEIGHTED_NORM:
+            reason = (f"norm {norm:.3g} at weight {weight:.3g} exceeds the bound "
+                      f"{MAX_WEIGHTED_NORM:g} under which a round's sum stays finite")
         if reason is not None:
             return None, reason
         part = str(fragment_of_round(update.round, self.spec.fragments))
@@ -192,16 +230,19 @@ class Coordinator:
         if out is None:
             raise RuntimeError("close() without an open round")
         mean = self._mean.result()
-        if mean is not None:
-            # Where the outer step happens: the mean pseudo-gradient is theta's "gradient".
-            self.outer.step(mean)
+        # Where the outer step happens: the mean pseudo-gradient is theta's "gradient". A
+        # step that would leave a weight non-finite is refused: the weights stay as they were
+        refused = self.outer.step(mean) if mean is not None else None
+        if refused is not None:
+            out.refused = refused
+        elif mean is not None:
             out.applied = True
             out.train_loss, out.steps = self._on_time.loss(), self._on_time.steps()
             self.step += out.steps  # the schedule clock: the on-time sites' mean steps
             self.tokens += out.tokens
-            if self.cfg.privacy.enabled:  # the noisy aggregate was released: budget spent
-                self.privacy_history.append((self.cfg.privacy.noise_multiplier,
-                                             self._sample_rate))
+        if mean is not None and self.cfg.privacy.enabled:  # the noisy aggregate was made
+            # (a refusal tells something about it too): the budget is spent
+            self.privacy_history.append((self.cfg.privacy.noise_multiplier, self._sample_rate))
         if self.cfg.privacy.enabled:
             out.epsilon = self.epsilon()
         self.guard.close_round()

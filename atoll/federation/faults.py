@@ -11,12 +11,26 @@ would from a real attacker):
 * ``zero``: all zeros (a free rider that trains nothing);
 * ``replay``: the first update it ever sent, sent again (a free rider);
 * ``nan``: NaN values;
-* ``shape``: one tensor one element short.
+* ``shape``: one tensor one element short;
+* ``update_poison``: finite values of 1e37 (a sum of them overflows float32: NaN weights).
 
 What a broken site or network does to the message (applied after encoding):
 
 * ``stale``: the update claims to belong to the previous round;
 * ``garbage``: the payload bytes are random (undecodable).
+
+What a hostile site writes in its reply's header (:func:`mangle_header`):
+
+* ``header_nan``: a NaN training loss (``NaN`` is not JSON);
+* ``header_bad_type``: the token count as a string;
+* ``header_huge_tokens``: a million times the tokens it read (its weight in the mean);
+* ``header_huge_steps``: a thousand times the steps and tokens;
+* ``header_wrong_round``: the next round's number;
+* ``header_wrong_site``: another site's name (``header_wrong_site=NAME``);
+* ``header_deep_json``: a receipt nested 500 lists deep (a parser's recursion).
+
+A fault spec of several names (``a,b,c``) shows them in turn, one a round
+(:func:`~atoll.federation.fault_kinds.parse_faults`).
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from typing import Any
 import torch
 
 from atoll.federation.checks import global_norm
-from atoll.federation.fault_kinds import DELTA_FAULTS, check_fault
+from atoll.federation.fault_kinds import DELTA_FAULTS, parse_faults
 from atoll.federation.protocol import RoundPlan, RunSpec
 from atoll.federation.site import Site
 
@@ -55,7 +69,38 @@ def corrupt_delta(delta: dict[str, torch.Tensor], fault: str, seed: int = 0
     if fault == "shape":
         first = next(iter(delta))
         return {**delta, first: delta[first].reshape(-1)[:-1]}
+    if fault == "update_poison":
+        return {k: torch.full_like(v, 1e37) for k, v in delta.items()}
     return delta
+
+
+DEEP_JSON = 500
+"""Nesting of ``header_deep_json``'s receipt: deep for a header, shallow enough for the
+site's own JSON encoder."""
+
+
+def mangle_header(head: dict[str, Any], fault: str, arg: str = "") -> dict[str, Any]:
+    """The reply header a site with the header fault ``fault`` sends instead of ``head``."""
+    head = dict(head)
+    if fault == "header_nan":
+        head["train_loss"] = float("nan")
+    elif fault == "header_bad_type":
+        head["tokens"] = str(head["tokens"])
+    elif fault == "header_huge_tokens":
+        head["tokens"] *= 10**6
+    elif fault == "header_huge_steps":
+        head["steps"] *= 1000
+        head["tokens"] *= 1000
+    elif fault == "header_wrong_round":
+        head["round"] += 1
+    elif fault == "header_wrong_site":
+        head["site"] = arg or "someone-else"
+    elif fault == "header_deep_json":
+        nested: list = []
+        for _ in range(DEEP_JSON):
+            nested = [nested]
+        head["receipt"] = {**head["receipt"], "extra": nested}
+    return head
 
 
 class FaultySite(Site):
@@ -65,23 +110,28 @@ class FaultySite(Site):
 
     def __init__(self, name: str, data_dir: str | Path, state_dir: str | Path, fault: str,
                  pace_s: float = 0.0, device: str = "cpu") -> None:
-        check_fault(fault)
+        self.faults = parse_faults(fault) or [("", "")]
         super().__init__(name, data_dir, state_dir, pace_s, device)
         self.fault = fault
         self._first_sent: dict[str, torch.Tensor] | None = None
 
+    def fault_of(self, round_: int) -> tuple[str, str]:
+        """The fault (kind, argument) shown in ``round_``: the spec's faults in turn."""
+        return self.faults[(round_ - 1) % len(self.faults)]
+
     def pseudo_gradient(self, plan: RoundPlan, spec: RunSpec) -> dict[str, torch.Tensor]:
         """The honest pseudo-gradient, corrupted by a delta fault."""
         delta = super().pseudo_gradient(plan, spec)
-        if self.fault in DELTA_FAULTS:
-            delta = corrupt_delta(delta, self.fault, seed=plan.round)
+        fault = self.fault_of(plan.round)[0]
+        if fault in DELTA_FAULTS:
+            delta = corrupt_delta(delta, fault, seed=plan.round)
         return delta
 
     def encode(self, plan: RoundPlan, spec: RunSpec, delta: dict[str, torch.Tensor]
                ) -> dict[str, torch.Tensor]:
         """The encoded update; ``replay`` sends the first one it ever sent, every round."""
         encoded = super().encode(plan, spec, delta)
-        if self.fault == "replay":
+        if self.fault_of(plan.round)[0] == "replay":
             self._first_sent = self._first_sent or encoded
             return self._first_sent
         return encoded
@@ -90,11 +140,14 @@ class FaultySite(Site):
                on_step: Callable[[int, float], None] | None = None
                ) -> tuple[dict[str, Any], bytes]:
         """The update's wire form, as a broken site or network mangles it."""
+        fault, arg = self.fault_of(int(head["round"]))
         head, blob = super().answer(head, blob, on_step)
-        if self.fault == "stale":
+        if fault == "stale":
             head = {**head, "round": head["round"] - 1}
-        elif self.fault == "garbage":
+        elif fault == "garbage":
             blob = os.urandom(len(blob))
+        elif fault.startswith("header_"):
+            head = mangle_header(head, fault, arg)
         return head, blob
 
 

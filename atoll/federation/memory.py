@@ -22,9 +22,11 @@ from atoll.federation.codecs import CodecConfig
 from atoll.federation.wire_parts import parts_of
 from atoll.train.outer import OuterConfig
 
-TRANSIENT_COPIES = 3
-"""float32 copies of the largest tensor alive at once at the worst moment: a decoded
-tensor, its weighted product, and the optimizer's per-tensor temporary."""
+TRANSIENT_COPIES = 5
+"""float32 copies of the largest tensor alive at once at the worst moment, with the
+allocator's slack: while an update is folded in, a decoded tensor and its weighted product;
+while the outer step is checked, a copy of the tensor, of its momentum and the Nesterov
+temporary. Measured (bench/coordinator_memory.py): about 4 on the 1b and 125m presets."""
 
 
 def wire_bytes(shapes: Mapping[str, torch.Size], codec: CodecConfig) -> int:

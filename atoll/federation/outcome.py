@@ -20,6 +20,8 @@ class RoundOutcome:
     train_loss: float | None = None
     applied: bool = False
     """Whether the outer step was taken (False when no valid update arrived)."""
+    refused: str = ""
+    """Why the outer step was refused (it would have made the weights non-finite), if it was."""
     norms: dict[str, float] = field(default_factory=dict)
     """L2 norm of each counted update (the yardstick of checks.max_norm_ratio and of
     privacy.clip)."""

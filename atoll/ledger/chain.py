@@ -9,8 +9,10 @@ so editing a row changes its hash (its signature and the next row's ``prev`` no 
 match), deleting or reordering rows breaks the ``prev`` links, and nobody without the
 coordinator's key can produce a consistent replacement. The first entry (``genesis``) names
 that key; ``ledger.head`` beside the database holds the signed hash of the last entry, so
-cutting entries off the end is noticed too. Triggers refuse UPDATE and DELETE, which stops
-accidents; the chain is what stops anyone else.
+cutting entries off the end is noticed too. The head is written after its entry is committed;
+a crash between the two leaves it one entry behind, and reopening the ledger moves it on
+(only then, and only over a chain that checks out under the coordinator's own key). Triggers
+refuse UPDATE and DELETE, which stops accidents; the chain is what stops anyone else.
 
 Bodies are canonical JSON holding contributor ids, hashes and numbers, never raw text.
 """
@@ -85,6 +87,28 @@ class Ledger:
         last = self._db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1"
                                 ).fetchone()
         self._seq, self._prev = last if last else (0, ZERO)
+        if self._seq:
+            self._repair_head()
+
+    def _repair_head(self) -> None:
+        """Re-sign the head at the last entry when a crash left it exactly one behind."""
+        head = _read_head(self.head_path)
+        if head is not None and head.get("seq") == self._seq:
+            return
+        entries = read_entries(self.path)
+        if _check_chain(entries, self.signer.public) is not None:
+            return  # a broken chain is for verify_ledger to report, not to paper over
+        before = entries[-2] if len(entries) > 1 else None
+        if head is None and before is not None:
+            return  # a missing head could hide a truncation: only verify can say
+        if head is not None and (before is None or head.get("seq") != before.seq
+                                 or not _head_signed(self.signer.public, head, before.hash)):
+            return
+        self._write_head(self._seq, self._prev)
+
+    def _write_head(self, seq: int, h: str) -> None:
+        head = {"seq": seq, "hash": h, "signature": self.signer.sign(_head_bytes(seq, h))}
+        write_atomic(self.head_path, canonical(head).encode())
 
     def append(self, kind: str, round_: int, body: dict[str, Any]) -> Entry:
         """Add one entry at the end of the chain and move the signed head to it."""
@@ -96,8 +120,7 @@ class Ledger:
             self._db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (seq, kind, round_, text, entry.prev, h, entry.signature))
         self._seq, self._prev = seq, h
-        head = {"seq": seq, "hash": h, "signature": self.signer.sign(_head_bytes(seq, h))}
-        write_atomic(self.head_path, canonical(head).encode())
+        self._write_head(seq, h)  # after the commit: a crash leaves it behind, never ahead
         return entry
 
     @property
@@ -112,6 +135,24 @@ class Ledger:
 
 def _head_bytes(seq: int, h: str) -> bytes:
     return f"head {seq} {h}".encode()
+
+
+def _read_head(path: Path) -> dict[str, Any] | None:
+    """The head file's record, or None when it is missing or unreadable."""
+    try:
+        head = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return head if isinstance(head, dict) else None
+
+
+def _head_signed(key: str, head: dict[str, Any], h: str) -> bool:
+    """Whether ``head`` is ``key``'s signed head at the entry whose hash is ``h``."""
+    try:
+        return head["hash"] == h and verify(key, _head_bytes(int(head["seq"]), h),
+                                            str(head["signature"]))
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def read_entries(path: str | Path) -> list[Entry]:
@@ -165,6 +206,14 @@ def verify_ledger(path: str | Path, public: str | None = None) -> Verdict:
 
 
 def _check(path: str | Path, entries: list[Entry], public: str | None) -> Verdict:
+    broken = _check_chain(entries, public)
+    if broken is not None:
+        return broken
+    return _check_head(path, entries)
+
+
+def _check_chain(entries: list[Entry], public: str | None) -> Verdict | None:
+    """The first broken link, hash or signature of ``entries``; None when all hold."""
     if not entries:
         return Verdict(False, 0, 1, "the ledger is empty (no genesis entry)")
     first = entries[0]
@@ -188,6 +237,12 @@ def _check(path: str | Path, entries: list[Entry], public: str | None) -> Verdic
         if not verify(key, e.hash.encode(), e.signature):
             return Verdict(False, len(entries), e.seq, "bad signature")
         prev = e.hash
+    return None
+
+
+def _check_head(path: str | Path, entries: list[Entry]) -> Verdict:
+    """Whether the signed head names the chain's last entry (nothing cut off the end)."""
+    key = entries[0].body["coordinator_key"]
     head_path = Path(path).with_name(Path(path).name + ".head")
     last = entries[-1]
     try:

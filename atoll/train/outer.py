@@ -56,17 +56,47 @@ class OuterOptimizer:
         self.optimizer = cfg.build([self.weights[n] for n in self.names])
 
     @torch.no_grad()
-    def step(self, pseudo_gradient: dict[str, torch.Tensor]) -> None:
+    def step(self, pseudo_gradient: dict[str, torch.Tensor]) -> str | None:
         """theta <- outer_step(theta, mean pseudo-gradient), without copying it (a float32
-        pseudo-gradient becomes the gradient as it is).
+        pseudo-gradient becomes the gradient as it is); or, when the step would make a
+        weight or the optimizer's state NaN or infinite, no step at all: the reason is
+        returned and weights and momentum stay exactly as they were.
 
         Tensors absent from ``pseudo_gradient`` (other fragments, in streaming sync) are left
         alone, momentum included: torch's optimizers skip parameters without a gradient."""
+        bad = self.non_finite_after(pseudo_gradient)
+        if bad is not None:
+            return f"the outer step would make {bad} non-finite: step refused"
         for n, g in pseudo_gradient.items():
             self.weights[n].grad = g.to(self.weights[n].dtype)
         self.optimizer.step()
         for n in pseudo_gradient:
             self.weights[n].grad = None
+        return None
+
+    @torch.no_grad()
+    def non_finite_after(self, pseudo_gradient: dict[str, torch.Tensor]) -> str | None:
+        """What the step on ``pseudo_gradient`` would make non-finite (a tensor, or its
+        optimizer state), or None. Each tensor's step is taken on a copy by an optimizer of
+        the same kind, one tensor at a time (the parameters' steps are independent), so the
+        check does the real step's arithmetic while holding one tensor's copy, not a model's."""
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        for n, g in pseudo_gradient.items():
+            w = self.weights[n]
+            copy = w.clone()
+            copy.grad = g.to(w.dtype)
+            scratch = type(self.optimizer)([copy], **group)
+            state = self.optimizer.state.get(w)
+            if state:
+                scratch.state[copy] = {k: v.clone() if torch.is_tensor(v) else v
+                                       for k, v in state.items()}
+            scratch.step()
+            if not bool(torch.isfinite(copy).all()):
+                return f"tensor {n!r}"
+            for k, v in scratch.state[copy].items():
+                if torch.is_tensor(v) and not bool(torch.isfinite(v).all()):
+                    return f"the optimizer's {k} of tensor {n!r}"
+        return None
 
     def state_dict(self) -> dict:
         """The optimizer's state (momentum buffers), checkpointed with the weights."""
