@@ -87,6 +87,8 @@ def child(preset: str, vocab: int, n_sites: int, codec: str) -> dict:
     t0 = time.perf_counter()
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(PRESETS[preset](vocab), dtype=torch.float32)
+    for w in model.parameters():  # skipped init leaves garbage (NaN) that the outer step refuses
+        w.detach().zero_()
     cfg = CoordinatorConfig(run_id="mem", model_config={}, total_steps=100,
                             federation=FederationConfig(steps_per_round=1),
                             up=parse_spec(codec))

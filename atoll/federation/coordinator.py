@@ -37,7 +37,10 @@ float32 (3.4e38), so a finite update cannot make the mean NaN or infinite."""
 
 
 class Coordinator:
-    """Owns the global model state of a federation and the rules of a round."""
+    """Owns the global model state of a federation and the rules of a round.
+
+    Its memory does not grow with the number of sites: fp32 weights, the outer optimizer's
+    state and one accumulator, plus one update at a time (:mod:`atoll.federation.memory`)."""
 
     def __init__(self, weights: dict[str, torch.Tensor], cfg: CoordinatorConfig,
                  audit: Callable[[SiteUpdate, dict[str, torch.Tensor]], str | None] | None = None

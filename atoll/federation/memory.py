@@ -7,7 +7,7 @@ grows with the number of sites: updates are read one tensor at a time and droppe
 (:mod:`atoll.federation.aggregate`), or spilled to disk by the robust rules
 (:mod:`atoll.federation.robust`). With ``comm.down.delta`` the sites' copy of the weights
 (one more model) and the encoded change sent out are held too. README.md, "Memory at the
-coordinator", states the same sum; a test measures it on the 1b preset.
+coordinator", states the same sum and what bench/coordinator_memory.py measured.
 """
 
 from __future__ import annotations
