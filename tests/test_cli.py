@@ -52,6 +52,14 @@ data = "{demo_data['speeches']}"
     assert rounds["baseline:sequential"]["step"] == 2 * rounds["baseline:data_parallel"]["step"]
     summary = capsys.readouterr().out
     assert "baseline:data_parallel" in summary and "speeches" in summary
+    # the bytes yardstick: an fp32 ring all-reduce between the two sites after each of the
+    # round's two steps; each site sends and receives 2 (n-1)/n = 1 gradient of 4 B values
+    params = sum(t.numel() for t in load_file(out / "model" / "model.safetensors").values())
+    assert rounds["federation"]["dp_bytes"] == 2 * 2 * 2 * 1 * params * 4  # sites x steps x dir
+    fed = [r for r in records if r["kind"] == "round" and r["run"] == "federation"]
+    moved = sum(r["bytes_up"] + r["bytes_down"] for r in fed)
+    ratio = sum(r["dp_bytes"] for r in fed) / moved
+    assert f"{ratio:.1f}x fewer bytes" in summary
 
     weights = load_file(out / "model" / "model.safetensors")
     assert main(["simulate", "--resume", str(out)]) == 0  # finished: nothing more to do

@@ -173,3 +173,13 @@ def test_cli_refuses_bad_input_in_one_line(capsys, argv, msg):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+def test_data_parallel_bytes_by_hand():
+    """A ring all-reduce among n machines: each sends and receives 2 (n-1)/n of the
+    gradient per step; one machine sends nothing."""
+    from atoll.capacity.wire import data_parallel_bytes
+
+    assert data_parallel_bytes(1000, sites=4, steps=3) == 4 * 3 * 2 * 2 * 0.75 * 1000 * 4
+    assert data_parallel_bytes(1000, sites=2, steps=1, grad_bytes=2) == 2 * 2 * 2 * 0.5 * 1000 * 2
+    assert data_parallel_bytes(1000, sites=1, steps=10) == 0

@@ -16,9 +16,12 @@ from atoll.app.metrics import mean_loss, read_metrics
 class RunFollower:
     """Each :meth:`poll` logs what the run folder gained since the last one."""
 
-    def __init__(self, out: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, out: Path, log: Callable[[str], None] = print,
+                 status: Callable[[dict], None] | None = None) -> None:
         self.out = Path(out)
         self.log = log
+        self.status = status
+        """Given the run's status board on every poll (the console's live view)."""
         self._seen_rounds = 0
         self._seen_sites: list[str] | None = None
 
@@ -39,9 +42,13 @@ class RunFollower:
         if not status_file.exists():
             return None
         try:
-            return json.loads(status_file.read_text())["connected"]
+            state = json.loads(status_file.read_text())
+            connected = state["connected"]
         except (ValueError, KeyError):
             return None
+        if self.status is not None:
+            self.status(state)
+        return connected
 
 
 def round_line(r: dict) -> str:

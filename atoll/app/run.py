@@ -18,12 +18,15 @@ import torch
 from atoll.app.books import Books
 from atoll.app.evaluation import eval_sets, evaluate
 from atoll.app.metrics import FEDERATION, MetricsLog, mean_loss, read_metrics
+from atoll.app.model_card import write_model_card
 from atoll.app.progress import Progress
 from atoll.app.run_config import RunConfig
 from atoll.app.run_folder import RunFolder
 from atoll.app.status import StatusBoard
+from atoll.capacity.wire import data_parallel_bytes
 from atoll.config import save as save_config
 from atoll.federation.coordinator import Coordinator
+from atoll.federation.outcome import RoundOutcome
 from atoll.federation.protocol import Engine
 from atoll.federation.rounds import RoundResult, run_round
 from atoll.federation.settings import CoordinatorConfig
@@ -58,12 +61,14 @@ class Run:
         self.baselines = [self._baseline(kind, init) for kind in cfg.baseline.kinds]
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.bytes_up = self.bytes_down = 0
+        self._clock: tuple[float, int] | None = None  # (when, round) the ETA counts from
         if resume:
             self._resume()
         last = [r for r in read_metrics(self.out / "metrics.jsonl")
                 if r["kind"] == "round" and r["run"] == FEDERATION and r["round"] > 0]
         self.status = StatusBoard(self.out, cfg.federation.rounds, self.coordinator.round,
-                                  last[-1] if last else None)
+                                  last[-1] if last else None, cfg.federation.steps_per_round,
+                                  listener=self.progress.status)
 
     def _open_books(self) -> Books:
         """The contribution ledger, valuing updates against the run's validation sets."""
@@ -130,7 +135,18 @@ class Run:
         line = self._log_federation(r, result, seconds, due)
         line += self._advance_baselines(r, due)
         line += f"  tokens {self.coordinator.tokens / 1e6:.2f}M  {seconds:.1f}s"
-        self.progress.log(line)
+        self.progress.log(line + self._eta(r))
+
+    def _eta(self, r: int) -> str:
+        """The time left at the pace of the rounds this process has run so far."""
+        if self._clock is None:
+            self._clock = (time.perf_counter(), r)
+            return ""
+        t0, r0 = self._clock
+        left = self.cfg.federation.rounds - r
+        if left <= 0 or r <= r0:
+            return ""
+        return f"  ETA {(time.perf_counter() - t0) / (r - r0) * left:.0f}s"
 
     def _log_federation(self, r: int, result: RoundResult | None, seconds: float,
                         due: bool) -> str:
@@ -147,6 +163,7 @@ class Run:
             "delta": self.cfg.privacy.delta if out and out.epsilon is not None else None,
             "bytes_up": sum(u.bytes_up for u in result.replies) if result else 0,
             "bytes_down": sum(u.bytes_down for u in result.replies) if result else 0,
+            "dp_bytes": self._data_parallel_bytes(out),
             "seconds": seconds, "ended": time.time()}
         self.metrics.write(record)
         if r > 0:
@@ -158,6 +175,15 @@ class Run:
         if fed_val:
             line += f"  val {mean_loss(fed_val):.3f}"
         return line
+
+    def _data_parallel_bytes(self, out: RoundOutcome | None) -> float:
+        """What data-parallel training would have put on the wire for the round's steps:
+        an fp32 all-reduce among the round's sites after every step (the yardstick of the
+        federation's bytes in the summary and the report)."""
+        if out is None:
+            return 0.0
+        params = sum(t.numel() for t in self.coordinator.weights.values())
+        return data_parallel_bytes(params, len(out.planned), out.steps)
 
     def _advance_baselines(self, r: int, due: bool) -> str:
         """Train each baseline up to the federation's tokens and log it; its console part."""
@@ -223,6 +249,7 @@ class Run:
         """Export the global model in Hugging Face format to ``out/model``."""
         load_weights(self.model, self.coordinator.weights)
         path = export(self.model, self.tokenizer, self.out / "model")
+        write_model_card(self.out, path)
         self.status.finished()
         return path
 

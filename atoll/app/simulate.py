@@ -27,6 +27,7 @@ def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,
     def on_step(site: str, round_: int, step: int, loss: float) -> None:
         of = f"/{steps}" if steps and not cfg.federation.time_budget_s else ""
         progress.update(f"round {round_}/{rounds}  site {site}  step {step}{of}  loss {loss:.3f}")
+        run.status.stepped(site, step, loss)
 
     run.status.sites([s.name for s in sites])
     engine = LocalEngine(sites, on_step=on_step, parallel=cfg.parallel)
@@ -38,4 +39,5 @@ def simulate(cfg: RunConfig, out: str | Path, *, resume: bool = False,
     finally:
         engine.close()
         run.close()
+        progress.close()
     return run

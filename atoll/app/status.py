@@ -7,7 +7,9 @@ on any terminal, can read where a run stands without talking to the coordinator.
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,17 @@ class StatusBoard:
     """The live state of a run, written to ``<run>/status.json`` on every change."""
 
     def __init__(self, run_dir: Path, total_rounds: int, round_: int = 0,
-                 last_round: dict[str, Any] | None = None) -> None:
+                 last_round: dict[str, Any] | None = None, steps_per_round: int = 0,
+                 listener: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = Path(run_dir) / FILE
+        self.listener = listener
+        """Called with the state after every change (a live display)."""
         self.state: dict[str, Any] = {
             "phase": "starting", "round": round_, "rounds": total_rounds, "connected": [],
             "waiting_for": [], "reported": {}, "last_round": last_round,
-            "updated": time.time()}
+            "steps_per_round": steps_per_round, "training": {}, "updated": time.time()}
+        self._written = 0.0
+        self._lock = threading.RLock()  # sites of a parallel simulation step in threads
         self._flush()
 
     def sites(self, connected: list[str]) -> None:
@@ -36,14 +43,22 @@ class StatusBoard:
     def round_started(self, round_: int, sites: list[str]) -> None:
         """Round ``round_`` is training at ``sites``; nobody has reported yet."""
         self.state.update(phase="training", round=round_, waiting_for=sorted(sites),
-                          reported={})
+                          reported={}, training={})
         self._flush()
+
+    def stepped(self, site: str, step: int, loss: float) -> None:
+        """Site ``site`` took inner step ``step`` of the round (training loss ``loss``): shown
+        at once, written to the file at most once a second."""
+        with self._lock:
+            self.state["training"][site] = {"step": step, "loss": loss}
+            self._flush(at_most_every_s=1.0)
 
     def reported(self, site: str, ok: bool, detail: str) -> None:
         """Site ``site`` reported (``ok`` or not, with a short ``detail``)."""
-        self.state["reported"][site] = {"ok": ok, "detail": detail}
-        self.state["waiting_for"] = [s for s in self.state["waiting_for"] if s != site]
-        self._flush()
+        with self._lock:
+            self.state["reported"][site] = {"ok": ok, "detail": detail}
+            self.state["waiting_for"] = [s for s in self.state["waiting_for"] if s != site]
+            self._flush()
 
     def round_closed(self, summary: dict[str, Any]) -> None:
         """The round is closed; ``summary`` (losses, sites, rejections) is shown as the last."""
@@ -55,9 +70,14 @@ class StatusBoard:
         self.state["phase"] = phase
         self._flush()
 
-    def _flush(self) -> None:
-        self.state["updated"] = time.time()
-        write_atomic(self.path, json.dumps(self.state, indent=1).encode())
+    def _flush(self, at_most_every_s: float = 0.0) -> None:
+        with self._lock:
+            now = self.state["updated"] = time.time()
+            if self.listener is not None:
+                self.listener(self.state)
+            if now - self._written >= at_most_every_s:
+                write_atomic(self.path, json.dumps(self.state, indent=1).encode())
+                self._written = now
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:

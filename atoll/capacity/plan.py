@@ -22,7 +22,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from atoll.capacity.flops import gpu_named, parameter_count, train_flops_per_token
 from atoll.capacity.memory import GIB, DeviceMemory, device_memory
 from atoll.capacity.network import transfer_seconds
-from atoll.capacity.wire import PLAN_HEADER_BYTES, UPDATE_HEADER_BYTES, payload_bytes
+from atoll.capacity.wire import (
+    PLAN_HEADER_BYTES,
+    UPDATE_HEADER_BYTES,
+    data_parallel_bytes,
+    payload_bytes,
+)
 from atoll.federation.codecs import CodecConfig
 from atoll.federation.fragments import split_fragments
 
@@ -182,9 +187,9 @@ class Plan:
     @property
     def dp_bytes(self) -> float:
         """Data parallel: bytes a site sends plus receives for a round's tokens."""
-        n = self.cfg.sites
-        step = 2 * (n - 1) / n * self.params * self.cfg.dp_grad_bytes
-        return 2 * step * self.cfg.steps_per_round
+        whole = data_parallel_bytes(self.params, self.cfg.sites, self.cfg.steps_per_round,
+                                    self.cfg.dp_grad_bytes)
+        return whole / self.cfg.sites
 
     @property
     def reduction(self) -> float:

@@ -66,3 +66,14 @@ def blob_bytes(tensors: WireTensors) -> int:
 def payload_bytes(shapes: Mapping[str, tuple[int, ...]], codec: CodecConfig) -> int:
     """The blob of tensors of ``shapes`` encoded with ``codec``."""
     return blob_bytes(wire_tensors(shapes, codec)) if shapes else blob_bytes({})
+
+
+def data_parallel_bytes(params: int, sites: int, steps: int, grad_bytes: int = 4) -> float:
+    """Bytes that data-parallel training of ``params`` values among ``sites`` machines puts
+    on the wire in ``steps`` steps, every machine's sends and receives together: a ring
+    all-reduce after every step, in which each machine sends and receives
+    ``2 (n - 1) / n`` of the gradient (``grad_bytes`` per value: 4 for fp32, 2 for bf16)."""
+    if sites < 2:
+        return 0.0
+    per_machine_step = 2 * 2 * (sites - 1) / sites * params * grad_bytes
+    return per_machine_step * sites * steps

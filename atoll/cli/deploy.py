@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_coordinator(args: argparse.Namespace) -> int:
     """``atoll coordinator``: serve a new or resumed run to sites on other machines."""
     from atoll.app.follow import RunFollower
+    from atoll.app.progress import Progress
     from atoll.app.run_config import prepare_deployed_run
     from atoll.app.run_folder import lock_run_folder
     from atoll.deploy.coordinator_host import CoordinatorOptions, serve_coordinator
@@ -48,7 +50,12 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                               keys=Path(args.keys) if args.keys else None,
                               insecure=args.insecure, resume=bool(args.resume),
                               public_address=args.public_address or "")
-    return serve_coordinator(opts, config, on_poll=RunFollower(out).poll)
+    progress = Progress(sys.stdout, title=f"atoll coordinator {out}")
+    try:
+        return serve_coordinator(opts, config, log=progress.log, on_poll=RunFollower(
+            out, log=progress.log, status=progress.status).poll)
+    finally:
+        progress.close()
 
 
 def _fault_spec(text: str) -> str:

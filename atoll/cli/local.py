@@ -10,8 +10,12 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atoll.cli.fail import fail
+
+if TYPE_CHECKING:
+    from atoll.app.run_config import RunConfig
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -56,7 +60,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             return fail("simulate: name a CONFIG.toml (or --resume DIR)")
         cfg = load_run_config(args.config, args.overrides)
         out = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run = simulate(cfg, out, resume=bool(args.resume), progress=Progress())
+    progress = Progress(title=f"atoll simulate {cfg.name}")
+    run = simulate(cfg, out, resume=bool(args.resume), progress=progress)
     print_summary(run)
     return 0
 
@@ -81,13 +86,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"atoll demo: {len(cfg.sites)} sites ({', '.join(data)}), each with its own domain; "
           f"model '{cfg.model.preset}', {cfg.federation.rounds} rounds of "
           f"{cfg.federation.steps_per_round} steps -> {out}")
-    run = simulate(cfg, out, progress=Progress())
+    print_cost(cfg)
+    run = simulate(cfg, out, progress=Progress(title="atoll demo"))
     print_summary(run)
     prompt = "The "
     sample = generate_sample(run.model, run.tokenizer, prompt, seed=cfg.seed)
     print(f"\nsample from the federated model: {prompt}{sample!r}")
     print(f"\ndone in {time.perf_counter() - started:.0f}s; open {out / 'report.html'}")
     return 0
+
+
+def print_cost(cfg: RunConfig) -> None:
+    """The bare step time measured here, and what the run will cost in such steps."""
+    import torch
+
+    from atoll.app.step_clock import bare_step_seconds, run_cost_in_steps
+    from atoll.tokenizer import load_tokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = cfg.model.build(load_tokenizer(cfg.tokenizer), seed=cfg.seed)
+    step = bare_step_seconds(model, cfg.inner.batch_size, cfg.data.seq_len)
+    cost = run_cost_in_steps(cfg)
+    print(f"a bare training step here (batch {cfg.inner.batch_size} x {cfg.data.seq_len}, "
+          f"{torch.get_num_threads()} threads): {step:.3f}s; the run costs about {cost:,.0f} "
+          f"such steps: estimated {cost * step:.0f}s")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -99,8 +122,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``atoll export``: a clean copy of a finished run's model, with its model card."""
+    from atoll.app.publish import export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, args.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(f"export: {e}")
+    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained; model card {out / 'README.md'})")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``demo``, ``prepare``, ``simulate`` and ``report`` to the command line."""
+    """Add ``demo``, ``prepare``, ``simulate``, ``report`` and ``export`` to the command
+    line."""
     d = sub.add_parser("demo", help="run the demo federation (4 sites, tiny model) on this CPU")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     d.add_argument("overrides", nargs="*", help="config overrides, e.g. federation.rounds=4")
@@ -126,6 +162,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
     s.add_argument("--resume", metavar="DIR", help="continue a stopped run in DIR")
     s.set_defaults(func=cmd_simulate)
+
+    e = sub.add_parser("export", help="a clean copy of a finished run's model, to publish")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    e.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
+    e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="(re)write report.html of a run folder")
     r.add_argument("run_dir")
