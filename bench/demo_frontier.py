@@ -27,6 +27,8 @@ from atoll.app.run_config import load_run_config
 from atoll.app.simulate import simulate
 from atoll.capacity.wire import data_parallel_bytes
 from atoll.data.demo import build_demo_data
+from atoll.model import count_parameters
+from atoll.tokenizer import load_tokenizer
 
 FEDAVG = ["outer.optimizer=sgd", "outer.lr=1.0", "outer.momentum=0.0", "outer.nesterov=false"]
 
@@ -51,6 +53,10 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
     "H2-int2up-int4down": (2, FEDAVG + codecs("int2", "int4")),
     "H3-int4-sgd-lr1.2": (3, ["outer.optimizer=sgd", "outer.lr=1.2", "outer.momentum=0.0",
                               "outer.nesterov=false"] + codecs("int4", "int4")),
+    "H3-int4-sgd-lr0.8": (3, ["outer.optimizer=sgd", "outer.lr=0.8", "outer.momentum=0.0",
+                              "outer.nesterov=false"] + codecs("int4", "int4")),
+    "H3-int2up-int4down": (3, FEDAVG + codecs("int2", "int4")),
+    "H4-int2up-int4down": (4, FEDAVG + codecs("int2", "int4")),
 }
 SMOKE = {"steps": 4, "batch": 1, "eval_batches": 1, "only": "H3-int8,H4-int4"}
 
@@ -62,6 +68,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16,
                     help="rows of 128 tokens per step and per validation batch")
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per site")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (baseline included)")
+    ap.add_argument("--baseline", type=float, default=0.0,
+                    help="the data-parallel baseline's loss for these settings, if measured")
     args = parse(ap, SMOKE)
     tmp = Path(tempfile.mkdtemp(prefix="atoll-frontier-"))
     data = tmp / "data"
@@ -74,7 +84,8 @@ def main() -> None:
                 f"federation.rounds={rounds}", f"federation.steps_per_round={h}",
                 f"eval.every={rounds}", f"eval.max_batches={args.eval_batches}",
                 f"inner.batch_size={args.batch}", f"eval.batch_size={args.batch}",
-                "baseline.kinds=" + ("['data_parallel']" if baseline else "[]"), *overrides],
+                "baseline.kinds=" + ("['data_parallel']" if baseline else "[]"), *args.set,
+                *overrides],
                 base=data)
             start = time.perf_counter()
             r = simulate(cfg, tmp / name, report=False)
@@ -83,9 +94,14 @@ def main() -> None:
             out["seconds"] = time.perf_counter() - start
             return out, r
 
-        res, r = run("baseline", args.steps, FEDAVG, baseline=True)
-        base = res["baseline:data_parallel"]
-        params = sum(p.numel() for p in r.model.parameters())
+        if args.baseline:  # measured before for these steps (deterministic for the seed)
+            base = args.baseline
+            cfg = load_run_config(path, [], base=data)
+            params = count_parameters(cfg.model.build(load_tokenizer(cfg.tokenizer)))
+        else:
+            res, r = run("baseline", args.steps, FEDAVG, baseline=True)
+            base = res["baseline:data_parallel"]
+            params = count_parameters(r.model)
         dp = data_parallel_bytes(params, sites=4, steps=args.steps)
         print(f"{'data-parallel baseline':<22} {base:.4f}  {dp / 1e6:8.1f} MB on the wire")
         for name in args.only.split(",") if args.only else VARIANTS:

@@ -35,6 +35,7 @@ FAST = {
     "prepare.py": ([], ["byte-level (uint16)", "70,000 ids (uint32)", "ratio 2 / 1",
                         "peak memory allocated"]),
     "plan_check.py": ([], ["payload up", "exact: True", "predicted / measured"]),
+    "demo_frontier.py": ([], ["data-parallel baseline", "vs data-parallel", "x fewer bytes"]),
     "gpu.py": ([], ["site trainer (InnerTrainer.run)", "bare PyTorch loop", "ratio site / bare",
                     "MFU", "same losses: yes", "7b memory", "the planner's count agrees"]),
 }

@@ -51,6 +51,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                               insecure=args.insecure, resume=bool(args.resume),
                               public_address=args.public_address or "")
     progress = Progress(sys.stdout, title=f"atoll coordinator {out}")
+    if args.dashboard is not None:
+        from atoll.app.dashboard import serve_in_background
+
+        page = serve_in_background(out, port=args.dashboard)
+        progress.log(f"dashboard: http://127.0.0.1:{page.server_port}/")
     try:
         return serve_coordinator(opts, config, log=progress.log, on_poll=RunFollower(
             out, log=progress.log, status=progress.status).poll)
@@ -86,6 +91,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     from atoll.app.status import format_status, read_status
 
     print(format_status(read_status(args.run_dir)))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """``atoll dashboard``: serve a run folder's live page until Ctrl-C."""
+    from atoll.app.dashboard import make_server
+
+    if not Path(args.run_dir).is_dir():
+        return fail(f"dashboard: {args.run_dir} is not a run folder")
+    try:
+        server = make_server(args.run_dir, args.host, args.port)
+    except OSError as e:
+        return fail(f"dashboard: cannot listen on {args.host}:{args.port}: {e.strerror}")
+    print(f"dashboard of {args.run_dir}: http://{args.host}:{server.server_port}/ "
+          f"(read-only; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -136,6 +162,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     st.add_argument("run_dir")
     st.set_defaults(func=cmd_status)
 
+    db = sub.add_parser("dashboard", help="a live web page of a run folder (read-only)")
+    db.add_argument("run_dir")
+    db.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1: this "
+                    "machine only)")
+    db.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any)")
+    db.set_defaults(func=cmd_dashboard)
+
 
 def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("coordinator", help="run a federation's coordinator (Flower SuperLink)")
@@ -148,6 +181,8 @@ def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--keys", help="keys directory made by `atoll keys`")
     c.add_argument("--public-address", help="HOST:PORT sites use to reach this machine")
     c.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
+    c.add_argument("--dashboard", type=int, nargs="?", const=8765, default=None, metavar="PORT",
+                   help="also serve the live page on 127.0.0.1:PORT (default 8765)")
     c.set_defaults(func=cmd_coordinator)
 
 
