@@ -40,7 +40,6 @@ from typing import NamedTuple
 import torch
 from smoke import parse
 
-from atoll.app.evaluation import held_out_batches
 from atoll.app.metrics import read_metrics
 from atoll.app.run_config import EvalConfig, RunConfig
 from atoll.app.simulate import simulate
@@ -50,7 +49,7 @@ from atoll.federation.protocol import tensor_bytes
 from atoll.model import ModelConfig, export
 from atoll.tokenizer import load_tokenizer
 from atoll.train.baselines import CentralisedBaseline
-from atoll.train.evaluate import validation_loss
+from atoll.train.evaluate import held_out_batches, validation_loss
 from atoll.train.inner import InnerConfig
 
 OUTER = {"fedavg": {"lr": 1.0, "momentum": 0.0, "nesterov": False},
@@ -141,7 +140,8 @@ def data_parallel(dirs: list[Path], warm: Path | None, lr: float, steps: int, ba
                              total_steps=steps)
     dp.train_to(dp.tokens_per_step * steps)
     purpose = RunConfig().purpose
-    loss = mean({str(d): validation_loss(model, held_out_batches(d, 128, ev, purpose))
+    loss = mean({str(d): validation_loss(model, held_out_batches(d, 128, ev.batch_size,
+                                                                ev.max_batches, purpose))
                  for d in dirs})
     grad = len(tensor_bytes(dict(model.named_parameters())))
     return loss, steps * len(dirs) * 2 * grad

@@ -69,6 +69,15 @@ def test_flower_equals_local_engine_and_refuses_strangers(demo_data, tmp_path, f
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(sorted(r["sites"]) == list(SITES) for r in rounds)
     assert any((tmp_path / "store").rglob("global.safetensors"))  # weights went by the store
+    # the sites evaluated the global weights on their held-out rows, as they do locally
+    val = [{r["round"]: r["val_loss"] for r in read_metrics(out / "metrics.jsonl")
+            if r["kind"] == "round" and r["run"] == "federation"}
+           for out in (fed.out, tmp_path / "local")]
+    assert sorted(val[0]) == sorted(val[1]) == [0, 1, 2, 3]
+    for r, losses in val[0].items():
+        assert sorted(losses) == sorted(SITES)
+        for domain, loss in losses.items():
+            assert loss == pytest.approx(val[1][r][domain], abs=1e-4)
     assert fed.sites["intruder"].wait(timeout=120) != 0  # refused by the SuperLink
     assert "refused this site's key" in fed.log("intruder")
     assert "intruder" not in str(read_metrics(fed.out / "metrics.jsonl"))

@@ -31,7 +31,7 @@ class CrashingEngine(LocalEngine):
 
 
 WALL_CLOCK = {"seconds", "compute_seconds", "ended"}
-BYTES = {"bytes_up", "bytes_down"}
+BYTES = {"bytes_up", "bytes_down", "eval_bytes"}
 
 
 def comparable(records):

@@ -35,7 +35,10 @@ def dashboard_state(run_dir: str | Path, shares_cache: dict[str, Any] | None = N
         "status": status, "sites": site_states(status) if status else {},
         "curves": curves, "bytes": _bytes(fed), "rejected": [
             {"round": r["round"], "site": s, "reason": why}
-            for r in fed for s, why in (r.get("rejected") or {}).items()],
+            for r in fed for s, why in (r.get("rejected") or {}).items()] + [
+            {"round": r["round"], "site": s, "reason": f"evaluation report: {why}"}
+            for r in rounds if r["run"] == FEDERATION
+            for s, why in (r.get("eval_refused") or {}).items()],
         "privacy": _privacy(fed), "shares": _shares(run_dir, shares_cache)}
 
 

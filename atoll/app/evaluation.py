@@ -6,21 +6,8 @@ from pathlib import Path
 
 import torch
 
-from atoll.app.run_config import EvalConfig, RunConfig
-from atoll.consent.pool import consent_filter
-from atoll.data.reader import TokenDataset, validation_batches
-from atoll.train.evaluate import validation_loss
-
-
-def held_out_batches(data: str | Path, seq_len: int, e: EvalConfig, purpose: str
-                     ) -> list[torch.Tensor]:
-    """The validation batches a run evaluates on for one prepared data folder (none when it
-    is too small to hold out rows). A pool's held-out rows are its contributors' data too:
-    consent applies."""
-    ds = TokenDataset(data, "val", seq_len)
-    if len(ds) == 0:
-        return []
-    return validation_batches(ds, e.batch_size, e.max_batches, consent_filter(data, purpose))
+from atoll.app.run_config import RunConfig
+from atoll.train.evaluate import held_out_batches, validation_loss
 
 
 def eval_sets(cfg: RunConfig) -> dict[str, list[torch.Tensor]]:
@@ -30,7 +17,8 @@ def eval_sets(cfg: RunConfig) -> dict[str, list[torch.Tensor]]:
         (s.name, s.data) for s in cfg.sites if s.data and Path(s.data).is_dir()]
     out = {}
     for name, data in sets:
-        batches = held_out_batches(data, cfg.data.seq_len, e, cfg.purpose)
+        batches = held_out_batches(data, cfg.data.seq_len, e.batch_size, e.max_batches,
+                                   cfg.purpose)
         if batches:
             out[name] = batches
     return out

@@ -161,8 +161,10 @@ def _losses_html(records: list[dict]) -> str:
 
 
 def _rejected_html(fed: list[dict]) -> str:
-    """One list item per refused update: its round, site and reason."""
+    """One list item per refused update (or evaluation report): its round, site, reason."""
     rejected = [(r["round"], s, why) for r in fed for s, why in (r.get("rejected") or {}).items()]
+    rejected += [(r["round"], s, f"evaluation report: {why}") for r in fed
+                 for s, why in (r.get("eval_refused") or {}).items()]
     return "".join(f"<li>round {n}: {html.escape(s)}: {html.escape(w)}</li>"
                    for n, s, w in rejected) or "<li>none</li>"
 

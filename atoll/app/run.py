@@ -20,16 +20,16 @@ from atoll.app.evaluation import eval_sets, evaluate
 from atoll.app.metrics import FEDERATION, MetricsLog, mean_loss, read_metrics
 from atoll.app.model_card import write_model_card
 from atoll.app.progress import Progress
-from atoll.app.run_config import RunConfig
+from atoll.app.run_config import RunConfig, coordinator_config
 from atoll.app.run_folder import RunFolder
 from atoll.app.status import StatusBoard
 from atoll.capacity.wire import data_parallel_bytes
 from atoll.config import save as save_config
 from atoll.federation.coordinator import Coordinator
+from atoll.federation.evaluation import EvalOutcome, ask_sites, eval_requests
 from atoll.federation.outcome import RoundOutcome
 from atoll.federation.protocol import Engine
 from atoll.federation.rounds import RoundResult, run_round
-from atoll.federation.settings import CoordinatorConfig
 from atoll.ledger.credit import ValidationGradient
 from atoll.model import export
 from atoll.tokenizer import load_tokenizer
@@ -96,6 +96,7 @@ class Run:
     def execute(self, engine: Engine) -> None:
         """Run rounds until ``federation.rounds`` are done."""
         rounds = self.cfg.federation.rounds
+        self._engine = engine  # the sites evaluate through it too
         if self.coordinator.round == 0:
             self._after_round(0, None, 0.0)
         while self.coordinator.round < rounds:
@@ -151,7 +152,7 @@ class Run:
     def _log_federation(self, r: int, result: RoundResult | None, seconds: float,
                         due: bool) -> str:
         """Write the federation's round record; the start of the round's console line."""
-        fed_val = self.evaluate(self.coordinator.weights) if due else None
+        fed_val, asked = self._federation_val(r) if due else (None, None)
         out = result.outcome if result else None
         record = {
             "kind": "round", "run": FEDERATION, "round": r, "tokens": self.coordinator.tokens,
@@ -165,6 +166,9 @@ class Run:
             "bytes_down": sum(u.bytes_down for u in result.replies) if result else 0,
             "dp_bytes": self._data_parallel_bytes(out),
             "seconds": seconds, "ended": time.time()}
+        if asked is not None:  # evaluated by the sites
+            record.update(val_tokens=asked.tokens, eval_refused=asked.refused,
+                          eval_bytes=asked.bytes_up + asked.bytes_down)
         self.metrics.write(record)
         if r > 0:
             self.status.round_closed(record)
@@ -198,6 +202,26 @@ class Run:
             if b_val:
                 line += f"  {b.kind} {mean_loss(b_val):.3f}"
         return line
+
+    def _federation_val(self, r: int) -> tuple[dict[str, float], EvalOutcome | None]:
+        """The global weights' loss per domain after round ``r``: reported by the sites
+        (``eval.at = "sites"``; plus the coordinator's own ``eval.sets``, if any), or
+        measured here."""
+        e = self.cfg.eval
+        if e.at == "coordinator":
+            return self.evaluate(self.coordinator.weights), None
+        weights = self.coordinator.weights
+        requests = eval_requests(
+            self.run_id, r, self._engine.available_sites(), weights,
+            self.model.config.to_dict(), self.cfg.data.seq_len, self.cfg.purpose,
+            e.batch_size, e.max_batches)
+        asked = ask_sites(self._engine, requests, self.cfg.federation.deadline_s)
+        for site, reason in asked.refused.items():
+            self.progress.log(f"  round {r}: evaluation at {site} not counted: {reason}")
+        val = dict(asked.losses)
+        if e.sets:
+            val.update(self.evaluate(weights))
+        return val, asked
 
     def evaluate(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
         """Validation loss per domain of ``weights`` (loaded into the run's model)."""
@@ -266,12 +290,3 @@ class Run:
                 last[rec["run"]] = rec["val_loss"]
         return last
 
-
-def coordinator_config(cfg: RunConfig, run_id: str, model_config: dict) -> CoordinatorConfig:
-    """The coordinator's part of a run config (its rules of a round, as the config's own
-    sections), for the run ``run_id`` of a model with ``model_config``."""
-    return CoordinatorConfig(
-        run_id=run_id, model_config=model_config, total_steps=cfg.total_steps, seed=cfg.seed,
-        purpose=cfg.purpose, seq_len=cfg.data.seq_len, federation=cfg.federation,
-        inner=cfg.inner, outer=cfg.outer, up=cfg.comm.up, down=cfg.comm.down,
-        checks=cfg.checks, aggregation=cfg.aggregation, privacy=cfg.privacy)

@@ -17,7 +17,7 @@ from atoll.federation.codecs import CodecConfig
 from atoll.federation.fault_kinds import check_fault
 from atoll.federation.privacy import PrivacyConfig
 from atoll.federation.robust import AggregationConfig
-from atoll.federation.settings import FederationConfig
+from atoll.federation.settings import CoordinatorConfig, FederationConfig
 from atoll.ledger.credit import CreditConfig
 from atoll.model import ModelConfig
 from atoll.train.baselines import BASELINE_KINDS
@@ -74,7 +74,7 @@ class EvalSet:
 
 @dataclass
 class EvalConfig:
-    """Validation of the global model (per domain) by the coordinator."""
+    """Validation of the global model, per domain: by the sites, or by the coordinator."""
 
     batch_size: int = 16
     max_batches: int = 8
@@ -82,12 +82,21 @@ class EvalConfig:
     every: int = 1
     """Evaluate every this many rounds (and always after the last)."""
     sets: list[EvalSet] = field(default_factory=list)
-    """Domains to evaluate on; empty = each site's validation split, named after the site."""
+    """Domains the coordinator evaluates on itself (held-out data it holds); with
+    ``at = "coordinator"`` and none given, each site's validation split, named after the
+    site (a simulation can read it)."""
+    at: str = "sites"
+    """``sites``: each site evaluates the global weights on its own held-out rows and
+    reports loss and tokens (:mod:`atoll.federation.evaluation`; on either engine, the only
+    way on a real federation); ``coordinator``: the coordinator evaluates on the data it
+    can read."""
 
     def check(self) -> None:
         """Refuse empty batches, a negative batch limit, an interval below one round."""
         if self.batch_size < 1 or self.max_batches < 0 or self.every < 1:
             raise ValueError("eval.batch_size and eval.every must be >= 1, max_batches >= 0")
+        if self.at not in ("sites", "coordinator"):
+            raise ValueError(f"eval.at must be 'sites' or 'coordinator', not {self.at!r}")
 
 
 @dataclass
@@ -256,3 +265,13 @@ def prepare_deployed_run(out: Path, config: str | os.PathLike | None, overrides:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path)
     return path
+
+
+def coordinator_config(cfg: RunConfig, run_id: str, model_config: dict) -> CoordinatorConfig:
+    """The coordinator's part of a run config (its rules of a round, as the config's own
+    sections), for the run ``run_id`` of a model with ``model_config``."""
+    return CoordinatorConfig(
+        run_id=run_id, model_config=model_config, total_steps=cfg.total_steps, seed=cfg.seed,
+        purpose=cfg.purpose, seq_len=cfg.data.seq_len, federation=cfg.federation,
+        inner=cfg.inner, outer=cfg.outer, up=cfg.comm.up, down=cfg.comm.down,
+        checks=cfg.checks, aggregation=cfg.aggregation, privacy=cfg.privacy)

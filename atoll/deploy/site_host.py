@@ -217,6 +217,11 @@ def _start_worker(o: SiteOptions, site: Site, log: Callable[[str], None]) -> Sit
     from atoll.deploy.site_ranks import LeaderSite
 
     def on_round(update: dict) -> None:
+        if update.get("type") == "EvalReport":
+            log(f"{time.strftime('%H:%M:%S')} evaluated the weights of round "
+                f"{update['round']}: loss {update['loss']:.4f} on {update['tokens']} "
+                f"held-out tokens")
+            return
         log(f"{time.strftime('%H:%M:%S')} round {update['round']}: {update['steps']} steps, "
             f"{update['tokens']} tokens, loss {update['train_loss']:.4f}, "
             f"{update['seconds']:.1f}s")

@@ -29,8 +29,10 @@ class LeaderSite:
     overlap_steps = property(lambda self: self.site.overlap_steps)
 
     def answer(self, head: dict[str, Any], blob: bytes) -> tuple[dict[str, Any], bytes]:
-        """Hand the plan to the other ranks, then answer it with them."""
-        self.site.parallel.broadcast((head, blob))
+        """Hand the plan to the other ranks, then answer it with them (an evaluation
+        request rank 0 answers alone)."""
+        if head.get("type") != "EvalRequest":
+            self.site.parallel.broadcast((head, blob))
         return self.site.answer(head, blob)
 
     def train_ahead(self, max_steps: int, stop: Any) -> None:

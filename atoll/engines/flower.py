@@ -22,7 +22,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from atoll.engines.transport import pack, unpack
+from atoll.federation.evaluation import checked_report
 from atoll.federation.protocol import (
+    EvalReport,
+    EvalRequest,
     RoundPlan,
     SiteFailure,
     SiteUpdate,
@@ -34,10 +37,13 @@ from atoll.federation.wire_checks import checked_update, parse_header
 
 HELLO = "query.hello"
 TRAIN = "train"
+EVALUATE = "evaluate"
 
 
-def plan_message(payload: RecordDict, plan: RoundPlan, store: str) -> RecordDict:
-    """A site's train message: the shared weights payload plus this site's plan header."""
+def plan_message(payload: RecordDict, plan: RoundPlan | EvalRequest, store: str
+                 ) -> RecordDict:
+    """A site's train (or evaluate) message: the shared weights payload plus this site's
+    plan header."""
     content = RecordDict({"plan": ConfigRecord({"header": json.dumps(header(plan)),
                                                 "store": store})})
     for name, rec in payload.array_records.items():
@@ -124,20 +130,31 @@ class FlowerEngine:
                  ) -> Iterator[SiteUpdate | SiteFailure]:
         """Push each connected site its plan; yield replies as they come, failures for the
         rest (not connected, Flower errors, undecodable, past the deadline)."""
+        yield from self._deliver(plans, TRAIN, deadline_s)
+
+    def evaluate(self, requests: dict[str, EvalRequest], deadline_s: float = 0.0
+                 ) -> Iterator[EvalReport | SiteFailure]:
+        """Push each connected site its evaluation request (Flower's ``evaluate`` message
+        type); yield reports as they come, failures as :meth:`exchange` does."""
+        yield from self._deliver(requests, EVALUATE, deadline_s)
+
+    def _deliver(self, plans: dict[str, RoundPlan] | dict[str, EvalRequest], kind: str,
+                 deadline_s: float) -> Iterator[SiteUpdate | EvalReport | SiteFailure]:
         if not plans:
             return
-        payloads = self._payloads(plans)
+        payloads = self._payloads(plans, kind)
         msgs, sites = [], []
         for site, plan in plans.items():
             if site not in self.nodes:
                 yield SiteFailure(site, plan.round, "not connected")
                 continue
             msgs.append(Message(plan_message(payloads[site][0], plan, self.store),
-                                dst_node_id=self.nodes[site], message_type=TRAIN,
-                                group_id=str(plan.round)))
+                                dst_node_id=self.nodes[site], message_type=kind,
+                                group_id=f"{kind}-{plan.round}"))
             sites.append(site)
         by_node = {self.nodes[s]: s for s in sites}
         down = {s: payloads[s][1] + len(json.dumps(header(plans[s])).encode()) for s in sites}
+        decode = self._decode_reply if kind == TRAIN else self._decode_report
         for nid, reply in self._push_pull(msgs, deadline_s):
             site = by_node[nid]
             r = plans[site].round
@@ -147,7 +164,21 @@ class FlowerEngine:
                 yield SiteFailure(site, r, f"Flower error {reply.error.code}: "
                                            f"{reply.error.reason}")
             else:
-                yield self._decode_reply(reply, site, r, down[site])
+                yield decode(reply, site, r, down[site])
+
+    @staticmethod
+    def _decode_report(reply: Message, site: str, round_: int, bytes_down: int
+                       ) -> EvalReport | SiteFailure:
+        """Site ``site``'s evaluation report, each field checked, or why it is refused."""
+        try:
+            text = str(reply.content.config_records["update"]["header"])
+            report = checked_report(parse_header(text), sender=site)
+        except WireError as e:
+            return SiteFailure(site, round_, f"undecodable report: {e}")
+        except Exception as e:  # noqa: BLE001 - no reply may stop the round
+            return SiteFailure(site, round_, f"undecodable report ({type(e).__name__}: {e})")
+        report.bytes_down, report.bytes_up = bytes_down, len(text)
+        return report
 
     @staticmethod
     def _decode_reply(reply: Message, site: str, round_: int, bytes_down: int
@@ -167,7 +198,8 @@ class FlowerEngine:
         update.bytes_up = len(blob) + len(text)
         return update
 
-    def _payloads(self, plans: dict[str, RoundPlan]) -> dict[str, tuple[RecordDict, int]]:
+    def _payloads(self, plans: dict[str, RoundPlan] | dict[str, EvalRequest], kind: str
+                  ) -> dict[str, tuple[RecordDict, int]]:
         """Each site's weights payload and its size. Sites whose plans share one payload
         (the same weights, the same change) share one serialized copy; every other site gets
         exactly its own."""
@@ -178,7 +210,8 @@ class FlowerEngine:
                 blob = tensor_bytes(plan.weights)
                 n = len(packed)
                 name = "global" if n == 0 else f"global-{n}"
-                key = f"{plan.run_id}/round-{plan.round:05d}/{name}.safetensors"
+                folder = "round" if kind == TRAIN else "eval"
+                key = f"{plan.run_id}/{folder}-{plan.round:05d}/{name}.safetensors"
                 packed[id(plan.weights)] = (pack(blob, self.store, key), len(blob))
             out[site] = packed[id(plan.weights)]
         return out

@@ -34,6 +34,17 @@ def hello(msg: Message, context: Context) -> Message:
 @client_app.train()
 def site_main(msg: Message, context: Context) -> Message:
     """One round at a site: plan bytes in, update bytes out."""
+    return _answer(msg, context, "update")
+
+
+@client_app.evaluate()
+def site_evaluate(msg: Message, context: Context) -> Message:
+    """The global weights measured on the site's held-out rows: request in, report out."""
+    return _answer(msg, context, "eval")
+
+
+def _answer(msg: Message, context: Context, suffix: str) -> Message:
+    """Hand a message's header and bytes to the site (or its worker); pack its answer."""
     node = context.node_config
     rec = msg.content.config_records["plan"]
     store = str(rec["store"])
@@ -52,6 +63,7 @@ def site_main(msg: Message, context: Context) -> Message:
                          fault=str(node.get("fault", "")),
                          device=str(node.get("device", "auto")))
         reply, out = site.answer(head, blob)
-    payload = pack(out, store, f"{head['run_id']}/round-{head['round']:05d}/{node['name']}.update")
+    key = f"{head['run_id']}/round-{head['round']:05d}/{node['name']}.{suffix}"
+    payload = pack(out, store, key)
     payload["update"] = ConfigRecord({"header": json.dumps(reply)})
     return Message(payload, reply_to=msg)

@@ -20,7 +20,10 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+from atoll.federation.evaluation import checked_report
 from atoll.federation.protocol import (
+    EvalReport,
+    EvalRequest,
     RoundPlan,
     SiteFailure,
     SiteUpdate,
@@ -50,17 +53,22 @@ class LocalEngine:
         busy = set(self._late.values())  # a site still on an old round is not free
         return [s for s in self.sites if s not in busy]
 
-    def _run_site(self, name: str, plan: RoundPlan) -> SiteUpdate | SiteFailure:
-        """What a site's machine does with a plan: the wire form in, the wire form out."""
+    def _run_site(self, name: str, plan: RoundPlan | EvalRequest
+                  ) -> SiteUpdate | EvalReport | SiteFailure:
+        """What a site's machine does with a plan (or an evaluation request): the wire form
+        in, the wire form out, checked as the coordinator checks every reply."""
         head, blob = json.dumps(header(plan)), tensor_bytes(plan.weights)
         callback = None
-        if self.on_step is not None:
+        if self.on_step is not None and isinstance(plan, RoundPlan):
             def callback(step: int, loss: float) -> None:
                 self.on_step(name, plan.round, step, loss)
         try:
             up_head, up_blob = self.sites[name].answer(json.loads(head), blob, callback)
             up_head = json.dumps(up_head)
-            reply = checked_update(parse_header(up_head), up_blob, sender=name)
+            if isinstance(plan, EvalRequest):
+                reply = checked_report(parse_header(up_head), sender=name)
+            else:
+                reply = checked_update(parse_header(up_head), up_blob, sender=name)
         except WireError as e:
             return SiteFailure(site=name, round=plan.round, reason=str(e))
         except Exception as e:  # noqa: BLE001 - one misbehaving site never stops the others
@@ -68,6 +76,13 @@ class LocalEngine:
         reply.bytes_down = len(blob) + len(head.encode())
         reply.bytes_up = len(up_blob) + len(up_head.encode())
         return reply
+
+    def evaluate(self, requests: dict[str, EvalRequest], deadline_s: float = 0.0
+                 ) -> Iterator[EvalReport | SiteFailure]:
+        """Each requested site evaluates, one after another (a few forward passes each;
+        sites still training a late round are never asked: see :meth:`available_sites`)."""
+        for name, request in requests.items():
+            yield self._run_site(name, request)
 
     def exchange(self, plans: dict[str, RoundPlan], deadline_s: float = 0.0
                  ) -> Iterator[SiteUpdate | SiteFailure]:

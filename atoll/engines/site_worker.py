@@ -94,6 +94,8 @@ class SiteWorker:
         self.listener = Listener(str(sock), family="AF_UNIX")
         os.chmod(sock, 0o600)
         self._lock = threading.Lock()  # one round at a time, as one SuperNode sends them
+        # evaluation uses a model of its own: it never waits for (or stops) training
+        self._eval_lock = threading.Lock()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self._stop_ahead = threading.Event()
         self._ahead: threading.Thread | None = None
@@ -128,11 +130,15 @@ class SiteWorker:
             try:
                 head = json.loads(conn.recv_bytes())
                 blob = conn.recv_bytes()
-                with self._lock:
-                    self._stop_training_ahead()
-                    reply, out = self.site.answer(head, blob)
-                    if self.site.overlap_steps:
-                        self._train_ahead(self.site.overlap_steps)
+                if head.get("type") == "EvalRequest":
+                    with self._eval_lock:
+                        reply, out = self.site.answer(head, blob)
+                else:
+                    with self._lock:
+                        self._stop_training_ahead()
+                        reply, out = self.site.answer(head, blob)
+                        if self.site.overlap_steps:
+                            self._train_ahead(self.site.overlap_steps)
             except Exception as e:  # noqa: BLE001 - reported to the coordinator, not fatal
                 conn.send_bytes(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
                 return

@@ -15,7 +15,10 @@ HEADER_FAULTS = ("header_nan", "header_bad_type", "header_huge_tokens", "header_
                  "header_wrong_round", "header_wrong_site", "header_deep_json")
 """Done to the reply's header: a hostile site lying about what it did, or trying to crash
 the coordinator's parser."""
-FAULTS = ("", *DELTA_FAULTS, *WIRE_FAULTS, *HEADER_FAULTS)
+EVAL_FAULTS = ("eval_nan", "eval_huge_tokens", "eval_wrong_round")
+"""Done to an evaluation report (:mod:`atoll.federation.evaluation`): a NaN loss, a
+thousand times the held-out tokens, another round's number. Training stays honest."""
+FAULTS = ("", *DELTA_FAULTS, *WIRE_FAULTS, *HEADER_FAULTS, *EVAL_FAULTS)
 
 
 def parse_faults(spec: str) -> list[tuple[str, str]]:

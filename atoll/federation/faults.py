@@ -29,6 +29,12 @@ What a hostile site writes in its reply's header (:func:`mangle_header`):
 * ``header_wrong_site``: another site's name (``header_wrong_site=NAME``);
 * ``header_deep_json``: a receipt nested 500 lists deep (a parser's recursion).
 
+What a hostile site writes in its evaluation report (its training stays honest):
+
+* ``eval_nan``: a NaN loss;
+* ``eval_huge_tokens``: a thousand times the held-out tokens it measured;
+* ``eval_wrong_round``: the next round's number.
+
 A fault spec of several names (``a,b,c``) shows them in turn, one a round
 (:func:`~atoll.federation.fault_kinds.parse_faults`).
 """
@@ -43,8 +49,8 @@ from typing import Any
 import torch
 
 from atoll.federation.checks import global_norm
-from atoll.federation.fault_kinds import DELTA_FAULTS, parse_faults
-from atoll.federation.protocol import RoundPlan, RunSpec
+from atoll.federation.fault_kinds import DELTA_FAULTS, EVAL_FAULTS, parse_faults
+from atoll.federation.protocol import EvalRequest, RoundPlan, RunSpec
 from atoll.federation.site import Site
 
 
@@ -141,14 +147,30 @@ class FaultySite(Site):
                ) -> tuple[dict[str, Any], bytes]:
         """The update's wire form, as a broken site or network mangles it."""
         fault, arg = self.fault_of(int(head["round"]))
+        if head.get("type") == EvalRequest.__name__:
+            return self._mangled_report(*super().answer(head, blob), fault), b""
         head, blob = super().answer(head, blob, on_step)
-        if fault == "stale":
+        if fault in EVAL_FAULTS:
+            pass  # honest training
+        elif fault == "stale":
             head = {**head, "round": head["round"] - 1}
         elif fault == "garbage":
             blob = os.urandom(len(blob))
         elif fault.startswith("header_"):
             head = mangle_header(head, fault, arg)
         return head, blob
+
+
+    @staticmethod
+    def _mangled_report(head: dict[str, Any], blob: bytes, fault: str) -> dict[str, Any]:
+        """An evaluation report as a lying site writes it."""
+        if fault == "eval_nan":
+            return {**head, "loss": float("nan")}
+        if fault == "eval_huge_tokens":
+            return {**head, "tokens": head["tokens"] * 1000}
+        if fault == "eval_wrong_round":
+            return {**head, "round": head["round"] + 1}
+        return head
 
 
 def make_site(name: str, data_dir: str | Path, state_dir: str | Path, *, pace_s: float = 0.0,

@@ -145,6 +145,43 @@ class SiteUpdate:
 
 
 @dataclass
+class EvalRequest:
+    """Coordinator -> site, every ``eval.every`` rounds: the loss of these global weights on
+    your own held-out rows, please (:mod:`atoll.federation.evaluation`)."""
+
+    run_id: str
+    round: int
+    """The round whose outer step made ``weights`` (0: the initial weights)."""
+    site: str
+    weights: dict[str, torch.Tensor] = field(repr=False)
+    """The global weights, whole and in fp32: every site measures the same model."""
+    model_config: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 128
+    purpose: str = ""
+    """Consent applies to held-out rows as it does to training rows."""
+    batch_size: int = 16
+    max_batches: int = 8
+    """Held-out batches to use (0 = the whole validation split)."""
+
+
+@dataclass
+class EvalReport:
+    """Site -> coordinator: the loss of the requested weights on the site's held-out rows
+    (nats per predicted token) and the number of tokens it was measured on."""
+
+    run_id: str
+    round: int
+    site: str
+    loss: float
+    tokens: int
+    seconds: float
+    bytes_up: int = 0
+    """Filled in by the engine: serialized size of this report."""
+    bytes_down: int = 0
+    """Filled in by the engine: serialized size of the request."""
+
+
+@dataclass
 class SiteFailure:
     """An engine's report that a site did not answer usably (crash, timeout, garbage)."""
 
@@ -153,12 +190,13 @@ class SiteFailure:
     reason: str
 
 
-_TENSOR_FIELD = {RoundPlan: "weights", SiteUpdate: "delta"}
+_TENSOR_FIELD = {RoundPlan: "weights", SiteUpdate: "delta", EvalRequest: "weights"}
+Message = RoundPlan | SiteUpdate | EvalRequest | EvalReport
 
 
-def header(msg: RoundPlan | SiteUpdate) -> dict[str, Any]:
+def header(msg: Message) -> dict[str, Any]:
     """The non-tensor fields of a message, tagged with its type and the wire version."""
-    tensor_field = _TENSOR_FIELD[type(msg)]
+    tensor_field = _TENSOR_FIELD.get(type(msg))
     fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)
               if f.name != tensor_field}
     if isinstance(fields.get("spec"), RunSpec):
@@ -166,9 +204,11 @@ def header(msg: RoundPlan | SiteUpdate) -> dict[str, Any]:
     return {"v": WIRE_VERSION, "type": type(msg).__name__, **fields}
 
 
-def tensors(msg: RoundPlan | SiteUpdate) -> dict[str, torch.Tensor]:
-    """The tensors a message carries (a plan's weights, an update's pseudo-gradient)."""
-    return getattr(msg, _TENSOR_FIELD[type(msg)])
+def tensors(msg: Message) -> dict[str, torch.Tensor]:
+    """The tensors a message carries (a plan's weights, an update's pseudo-gradient; an
+    evaluation report carries none)."""
+    name = _TENSOR_FIELD.get(type(msg))
+    return getattr(msg, name) if name else {}
 
 
 def tensor_bytes(named: dict[str, torch.Tensor]) -> bytes:
@@ -229,4 +269,10 @@ class Engine(Protocol):
         """Deliver ``plans`` and yield each site's reply as it arrives, until all replied or
         ``deadline_s`` seconds passed (0 = no deadline); a site that did not answer by then
         is reported as a :class:`SiteFailure`."""
+        ...
+
+    def evaluate(self, requests: dict[str, EvalRequest], deadline_s: float
+                 ) -> Iterator[EvalReport | SiteFailure]:
+        """Deliver evaluation requests and yield each site's report as it arrives, like
+        :meth:`exchange` (no training update is ever yielded here)."""
         ...

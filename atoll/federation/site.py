@@ -35,7 +35,9 @@ import torch
 
 from atoll.consent.pool import allowed_sources
 from atoll.federation.codecs import decode, encode, parse_spec, round_seed
+from atoll.federation.evaluation import SiteEvaluator
 from atoll.federation.protocol import (
+    EvalRequest,
     RoundPlan,
     RunSpec,
     SiteUpdate,
@@ -75,6 +77,7 @@ class Site:
         self._ahead: tuple[int, list[TrainResult], set[int] | None] | None = None
         self._allowed: set[int] | None = None  # sources consent lets this round read
         self._signer: Signer | None = None
+        self.evaluator = SiteEvaluator(name, self.data_dir, self.device)
 
     # what tests and the site worker look at
     model = property(lambda self: self.state.model)
@@ -94,7 +97,10 @@ class Site:
     def answer(self, head: dict[str, Any], blob: bytes,
                on_step: StepCallback | None = None) -> tuple[dict[str, Any], bytes]:
         """A plan in its wire form (header, tensor bytes) in, the update's out (on rank 0;
-        every process of a site is given the same plan, the others get ``({}, b"")``)."""
+        every process of a site is given the same plan, the others get ``({}, b"")``).
+        An evaluation request is answered with its report (:mod:`atoll.federation.evaluation`)."""
+        if head.get("type") == EvalRequest.__name__:
+            return self.evaluator.answer(from_parts(head, blob, EvalRequest))
         plan = from_parts(head, blob, RoundPlan)
         if plan.site != self.name:
             raise WireError(f"plan addressed to site {plan.site!r} reached site {self.name!r}")
