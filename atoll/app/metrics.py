@@ -8,6 +8,7 @@ so a resumed run's metrics read exactly like an uninterrupted run's.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,16 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        """Called with each record once it is written (the run's trackers)."""
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line (keys sorted), flushed at once so a crash loses no
-        earlier record."""
+        earlier record; then hand it to the listeners."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        for listener in self.listeners:
+            listener(record)
 
     def truncate_after(self, round_: int) -> None:
         """Drop records of rounds after ``round_`` (an interrupted round is run again)."""

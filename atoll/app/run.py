@@ -23,8 +23,10 @@ from atoll.app.progress import Progress
 from atoll.app.run_config import RunConfig, coordinator_config
 from atoll.app.run_folder import RunFolder
 from atoll.app.status import StatusBoard
+from atoll.app.trackers import Trackers
 from atoll.capacity.wire import data_parallel_bytes
 from atoll.config import save as save_config
+from atoll.config import to_dict
 from atoll.federation.coordinator import Coordinator
 from atoll.federation.evaluation import EvalOutcome, ask_sites, eval_requests
 from atoll.federation.outcome import RoundOutcome
@@ -64,6 +66,9 @@ class Run:
         self._clock: tuple[float, int] | None = None  # (when, round) the ETA counts from
         if resume:
             self._resume()
+        self.trackers = Trackers(cfg.report_to, self.out, self.run_id, to_dict(cfg),
+                                 self.coordinator.round + 1 if resume else 0, self.progress.log)
+        self.metrics.listeners.append(self.trackers.send)
         last = [r for r in read_metrics(self.out / "metrics.jsonl")
                 if r["kind"] == "round" and r["run"] == FEDERATION and r["round"] > 0]
         self.status = StatusBoard(self.out, cfg.federation.rounds, self.coordinator.round,
@@ -279,6 +284,7 @@ class Run:
 
     def close(self) -> None:
         """Release the run folder (another process may then resume it)."""
+        self.trackers.close()
         self.books.close()
         self.folder.release()
 

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atoll.app.trackers import check_trackers
 from atoll.config import ConfigError, load
 from atoll.config import save as save_config
 from atoll.federation.checks import ChecksConfig
@@ -170,6 +171,9 @@ class RunConfig:
     ``cpu``, ``cuda`` or ``cuda:N``. A deployed site names its own (``atoll site --device``)."""
     parallel: bool = False
     """Local engine: run the sites at the same time in threads, so deadlines are real."""
+    report_to: list[str] = field(default_factory=list)
+    """Also send the figures of ``metrics.jsonl`` to ``tensorboard``, ``wandb`` and/or
+    ``mlflow`` (each an optional extra; offline by default: :mod:`atoll.app.trackers`)."""
     tokenizer: str = ""
     """A local Hugging Face tokenizer directory; empty = the byte-level tokenizer."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -191,6 +195,7 @@ class RunConfig:
         """Refuse settings that are each fine but do not go together (and a device name
         atoll does not know)."""
         check_device_name(self.device)
+        check_trackers(self.report_to)
         names = [s.name for s in self.sites]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
