@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from atoll.config import from_dict
 from atoll.data.demo import build_demo_data
 
 torch.set_num_threads(1)
+# Tests that check DP noise against a reference draw it from a seed; nothing else may.
+os.environ["ATOLL_TEST_NOISE_SEED"] = "1"
 
 
 @pytest.fixture(scope="session")

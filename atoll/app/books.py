@@ -61,9 +61,12 @@ class Books:
                 "coordinator_key": self.signer.public, "config_sha256": config_sha256,
                 "credit_rule": RULE, "started": time.time()})
 
-    def resumed_at(self, round_: int) -> None:
+    def resumed_at(self, round_: int, privacy_change: dict[str, Any] | None = None) -> None:
         """A restart from the checkpoint of ``round_``: rounds written after it never took
-        effect and are run again; say so rather than rewrite anything."""
+        effect and are run again; say so rather than rewrite anything. Privacy settings
+        other than the checkpoint's are written too (``privacy``: from, to)."""
+        if privacy_change:
+            self._append("privacy", round_, dict(privacy_change))
         done = {e.round for e in self.entries if e.kind in ("update", "round")}
         for e in self.entries:
             if e.kind == "void":

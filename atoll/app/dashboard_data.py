@@ -8,6 +8,7 @@ can never change the run.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,8 @@ def _privacy(fed: list[dict]) -> dict[str, Any] | None:
     spent = [r for r in fed if r.get("epsilon") is not None]
     if not spent:
         return None
-    return {"epsilon": spent[-1]["epsilon"], "delta": spent[-1]["delta"],
+    eps = spent[-1]["epsilon"]  # infinite once a round after private ones had no noise
+    return {"epsilon": eps if math.isfinite(eps) else "unbounded", "delta": spent[-1]["delta"],
             "rounds": len(spent)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -169,13 +170,23 @@ def _rejected_html(fed: list[dict]) -> str:
                    for n, s, w in rejected) or "<li>none</li>"
 
 
-def _privacy_html(fed: list[dict]) -> str:
-    """The privacy budget spent, round by round, or that the run had none."""
+def _privacy_html(fed: list[dict], records: list[dict]) -> str:
+    """The privacy budget spent, round by round, or that the run had none; and every change
+    of its settings on a resume."""
     private = [r for r in fed if r.get("epsilon") is not None]
-    return (f"<p>Site-level differential privacy: epsilon {private[-1]['epsilon']:.3g} at "
-            f"delta {private[-1]['delta']:g} after {len(private)} rounds "
-            f"(per round: " + ", ".join(f"{r['epsilon']:.3g}" for r in private) + ").</p>"
-            ) if private else "<p>No differential privacy in this run.</p>"
+    changes = "".join(
+        f"<p><b>Privacy settings changed when the run resumed after round {r['round']}:</b> "
+        f"{html.escape(json.dumps(r['from']))} &rarr; {html.escape(json.dumps(r['to']))}</p>"
+        for r in records if r["kind"] == "privacy")
+    if not private:
+        return changes + "<p>No differential privacy in this run.</p>"
+    last = private[-1]["epsilon"]
+    spent = (f"epsilon {last:.3g}" if math.isfinite(last) else
+             "epsilon unbounded (a round without noise followed private rounds)")
+    return changes + (f"<p>Site-level differential privacy: {spent} at "
+                      f"delta {private[-1]['delta']:g} after {len(private)} rounds "
+                      f"(per round: " + ", ".join(f"{r['epsilon']:.3g}" for r in private)
+                      + ").</p>")
 
 
 def _dp_html(fed: list[dict]) -> str:
@@ -214,7 +225,7 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
 <h2>Bytes on the wire</h2><img src="plots/bytes_on_wire.png">
 <h2>Tokens per site</h2><img src="plots/site_tokens.png">
 <h2>Rejected updates</h2><ul>{_rejected_html(fed)}</ul>
-<h2>Privacy</h2>{_privacy_html(fed)}
+<h2>Privacy</h2>{_privacy_html(fed, records)}
 <h2>Who contributed what</h2>{_contributors_html(run_dir)}
 <h2>Configuration</h2><pre>{html.escape(config)}</pre>
 </body></html>"""

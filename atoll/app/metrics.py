@@ -24,6 +24,15 @@ def mean_loss(losses: dict[str, float]) -> float:
     return sum(losses.values()) / len(losses)
 
 
+def final_losses(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The last validation losses of each run (federation, baselines) among ``records``."""
+    last: dict[str, dict[str, float]] = {}
+    for rec in records:
+        if rec["kind"] == "round" and rec.get("val_loss"):
+            last[rec["run"]] = rec["val_loss"]
+    return last
+
+
 class MetricsLog:
     """Appends the run's records to ``metrics.jsonl``, one JSON line each, as they happen."""
 

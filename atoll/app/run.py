@@ -17,12 +17,13 @@ import torch
 
 from atoll.app.books import Books
 from atoll.app.evaluation import eval_sets, evaluate
-from atoll.app.metrics import FEDERATION, MetricsLog, mean_loss, read_metrics
+from atoll.app.metrics import FEDERATION, MetricsLog, final_losses, mean_loss, read_metrics
 from atoll.app.model_card import write_model_card
 from atoll.app.progress import Progress
 from atoll.app.run_config import RunConfig, coordinator_config
 from atoll.app.run_folder import RunFolder
 from atoll.app.status import StatusBoard
+from atoll.app.step_clock import RoundClock
 from atoll.app.trackers import Trackers
 from atoll.capacity.wire import data_parallel_bytes
 from atoll.config import save as save_config
@@ -63,7 +64,7 @@ class Run:
         self.baselines = [self._baseline(kind, init) for kind in cfg.baseline.kinds]
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.bytes_up = self.bytes_down = 0
-        self._clock: tuple[float, int] | None = None  # (when, round) the ETA counts from
+        self._clock = RoundClock(cfg.federation.rounds)
         if resume:
             self._resume()
         self.trackers = Trackers(cfg.report_to, self.out, self.run_id, to_dict(cfg),
@@ -77,12 +78,13 @@ class Run:
 
     def _open_books(self) -> Books:
         """The contribution ledger, valuing updates against the run's validation sets."""
-        probe_batches = [b for batches in self.eval_sets.values()
-                         for b in batches[: self.cfg.credit.batches]]
+        def probe_batches() -> list[torch.Tensor]:  # the sets as of the round (consent)
+            return [b for batches in self.eval_sets.values()
+                    for b in batches[: self.cfg.credit.batches]]
         books = Books(
             self.out, self.run_id, self.cfg.purpose,
             lambda: (self.coordinator.round + 1, self.coordinator.weights),
-            ValidationGradient(self.model, probe_batches) if probe_batches else None,
+            ValidationGradient(self.model, probe_batches) if probe_batches() else None,
             self.cfg.federation.staleness_exponent)
         self.coordinator.audit = books.audit
         books.start(self.cfg.name, hashlib.sha256(
@@ -137,22 +139,12 @@ class Run:
 
     def _after_round(self, r: int, result: RoundResult | None, seconds: float) -> None:
         """Evaluate and log the federation after round ``r``, then the baselines."""
+        self.eval_sets = eval_sets(self.cfg)  # consent re-read: a revocation counts from now
         due = r == 0 or r % self.cfg.eval.every == 0 or r == self.cfg.federation.rounds
         line = self._log_federation(r, result, seconds, due)
         line += self._advance_baselines(r, due)
         line += f"  tokens {self.coordinator.tokens / 1e6:.2f}M  {seconds:.1f}s"
-        self.progress.log(line + self._eta(r))
-
-    def _eta(self, r: int) -> str:
-        """The time left at the pace of the rounds this process has run so far."""
-        if self._clock is None:
-            self._clock = (time.perf_counter(), r)
-            return ""
-        t0, r0 = self._clock
-        left = self.cfg.federation.rounds - r
-        if left <= 0 or r <= r0:
-            return ""
-        return f"  ETA {(time.perf_counter() - t0) / (r - r0) * left:.0f}s"
+        self.progress.log(line + self._clock.eta(r))
 
     def _log_federation(self, r: int, result: RoundResult | None, seconds: float,
                         due: bool) -> str:
@@ -269,7 +261,11 @@ class Run:
         for b in self.baselines:
             b.load_state_dict(parts[f"baseline-{b.kind}"])
         self.metrics.truncate_after(self.coordinator.round)
-        self.books.resumed_at(self.coordinator.round)
+        change, r = self.coordinator.budget.change, self.coordinator.round
+        self.books.resumed_at(r, change)
+        if change:  # in the ledger (above), the metrics and so the report
+            self.metrics.write({"kind": "privacy", "run": FEDERATION, "round": r, **change})
+            self.progress.log(f"privacy settings changed on resume at round {r}: {change}")
         self.progress.log(f"resumed {self.out} at round {self.coordinator.round}")
 
     # -- the end -----------------------------------------------------------------------------
@@ -290,9 +286,5 @@ class Run:
 
     def final_losses(self) -> dict[str, dict[str, float]]:
         """Last validation losses per run (federation, baselines) from the metrics."""
-        last: dict[str, dict[str, float]] = {}
-        for rec in read_metrics(self.out / "metrics.jsonl"):
-            if rec["kind"] == "round" and rec.get("val_loss"):
-                last[rec["run"]] = rec["val_loss"]
-        return last
+        return final_losses(read_metrics(self.out / "metrics.jsonl"))
 

@@ -208,6 +208,10 @@ class RunConfig:
         if self.privacy.enabled and self.aggregation.rule != "mean":
             raise ValueError("privacy (noise_multiplier > 0) needs aggregation.rule = "
                              "\"mean\": the noise is calibrated to a clipped sum")
+        if self.privacy.enabled and f.max_staleness:
+            raise ValueError("privacy does not combine with federation.max_staleness: a late "
+                             "update would count a site twice in a round the accountant "
+                             "counts once")
         if self.comm.down.delta and (f.fragments > 1 or f.overlap_steps):
             raise ValueError("comm.down.delta does not combine with streaming sync "
                              "(federation.fragments / overlap_steps): fragments are sent whole")

@@ -52,3 +52,22 @@ def run_cost_in_steps(cfg: RunConfig) -> float:
     evaluation = (evals * (1 + len(cfg.baseline.kinds)) * sites * cfg.eval.max_batches
                   * batch_ratio / 3)
     return steps + baselines + credit + evaluation
+
+
+class RoundClock:
+    """The time a run has left, at the pace of the rounds this process has run so far."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+        self._start: tuple[float, int] | None = None  # (when, round) the ETA counts from
+
+    def eta(self, r: int) -> str:
+        """``  ETA 42s`` after round ``r`` ("" until two rounds were seen, and at the end)."""
+        if self._start is None:
+            self._start = (time.perf_counter(), r)
+            return ""
+        t0, r0 = self._start
+        left = self.rounds - r
+        if left <= 0 or r <= r0:
+            return ""
+        return f"  ETA {(time.perf_counter() - t0) / (r - r0) * left:.0f}s"

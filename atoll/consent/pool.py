@@ -20,11 +20,14 @@ revoked contribution's rows are overwritten with zeros the next time its site st
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
+import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from atoll.tokenizer import load_tokenizer
 from atoll.util.atomic import write_atomic
 
 DB = "consent.sqlite"
+LOCK = ".pool.lock"
 PURPOSES = ("pretraining", "research", "commercial")  # the usual ones; any word is accepted
 _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 SCHEMA = """
@@ -149,6 +153,12 @@ class Pool:
             _date(expires)
         if not file.is_file():
             raise DataError(file, "no such file")
+        with self._exclusive():
+            return self._add(contributor, file, allow, expires, text_field, log)
+
+    def _add(self, contributor: str, file: Path, allow: list[str], expires: str,
+             text_field: str, log: Callable[[str], None]) -> Contribution:
+        """:meth:`contribute` for checked arguments, holding the pool's lock."""
         sha = file_sha256(file)
         text = "\n".join(read_documents(file, text_field))
         sig = signature(text)
@@ -161,7 +171,8 @@ class Pool:
             sub = prepare([file], self.root / "contributions" / cid, PrepareOptions(
                 seq_len=int(self.settings["seq_len"]), text_field=text_field,
                 val_fraction=float(self.settings["val_fraction"]),
-                tokenizer=self.settings["tokenizer"], contributor=contributor), log=log)
+                tokenizer=self.settings["tokenizer"], contributor=contributor,
+                record_paths=False), log=log)
             source = self._add_to_manifest(cid, sub)
             tokens, docs = sub["sources"][0]["tokens"], sub["sources"][0]["documents"]
         with self._db:
@@ -187,7 +198,6 @@ class Pool:
         manifest = json.loads((self.root / "manifest.json").read_text())
         source = len(manifest["sources"])
         info = dict(sub["sources"][0], id=source, contribution=cid)
-        info.pop("path")  # where the contributor's file was is none of the pool's business
         manifest["sources"].append(info)
         for split in ("train", "val"):
             for shard in sub["splits"][split]["shards"]:
@@ -204,8 +214,8 @@ class Pool:
         args: tuple = (contributor,)
         if contribution:
             query, args = query + " AND id = ?", (contributor, contribution)
-        ids = [r[0] for r in self._db.execute(query, args)]
-        with self._db:
+        with self._exclusive(), self._db:
+            ids = [r[0] for r in self._db.execute(query, args)]
             self._db.executemany("UPDATE contributions SET revoked_at = ? WHERE id = ?",
                                  [(time.time(), i) for i in ids])
         return ids
@@ -213,6 +223,10 @@ class Pool:
     def erase_revoked(self) -> list[str]:
         """Overwrite the rows of revoked contributions with zeros (the shard files keep
         their size, so the pool's layout stays valid); the ids erased now."""
+        with self._exclusive():
+            return self._erase_revoked()
+
+    def _erase_revoked(self) -> list[str]:
         todo = [c for c in self.contributions()
                 if c.revoked_at is not None and c.erased_at is None]
         for c in todo:
@@ -221,10 +235,21 @@ class Pool:
                 with open(shard, "r+b") as f:
                     for start in range(0, size, 1 << 24):
                         f.write(bytes(min(1 << 24, size - start)))
+                    f.flush()
+                    os.fsync(f.fileno())  # erased on disk before the record says so
         with self._db:
             self._db.executemany("UPDATE contributions SET erased_at = ? WHERE id = ?",
                                  [(time.time(), c.id) for c in todo])
         return [c.id for c in todo]
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One writer at a time, across processes: two ``atoll contribute`` calls on one
+        pool would otherwise each rewrite the manifest from the copy they read, and one
+        contribution would be lost."""
+        with open(self.root / LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            yield
 
     def allowed_sources(self, purpose: str, now: float | None = None) -> set[int]:
         """The manifest sources whose consent covers ``purpose`` at time ``now``: the only

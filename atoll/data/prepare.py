@@ -60,6 +60,9 @@ class PrepareOptions:
     workers: int = 0
     """Tokenising processes; 0 = min(4, CPUs) for a Hugging Face tokenizer and at least
     ``POOL_MIN_BYTES`` of input, else 1 (the byte-level tokenizer needs no tokenising)."""
+    record_paths: bool = True
+    """Name each source's file in the manifest; False for a pool's contributions (where a
+    contributor's file was is none of the pool's business)."""
 
 
 def file_sha256(path: Path) -> str:
@@ -217,7 +220,8 @@ def _write_source(i: int, path: Path, encoder: Encoder, opts: PrepareOptions,
     log(f"  {path.name}: {n_docs} documents, {n_tokens:,} tokens "
         f"({train} train / {val} val rows)")
     return {
-        "id": i, "path": str(path.resolve()), "sha256": sha, "bytes": path.stat().st_size,
+        "id": i, **({"path": str(path.resolve())} if opts.record_paths else {}),
+        "sha256": sha, "bytes": path.stat().st_size,
         "documents": n_docs, "tokens": n_tokens, "dropped_tokens": dropped,
         "train_rows": train, "val_rows": val, "contributor": opts.contributor,
     }

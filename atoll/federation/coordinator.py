@@ -21,7 +21,7 @@ from atoll.federation.downlink import Downlink
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.outcome import OnTimeTally, RoundOutcome
 from atoll.federation.planning import Planner
-from atoll.federation.privacy import PrivateMean, epsilon
+from atoll.federation.privacy import PrivacyBudget, PrivateMean
 from atoll.federation.protocol import RoundPlan, SiteUpdate, header
 from atoll.federation.robust import RobustAggregate
 from atoll.federation.settings import CoordinatorConfig
@@ -52,7 +52,7 @@ class Coordinator:
         # contribution ledger): its reason to refuse it, or None.
         self.audit = audit
         self.guard = UpdateGuard(cfg.checks)
-        self.privacy_history: list[tuple[float, float]] = []  # (sigma, q) per noisy round
+        self.budget = PrivacyBudget(cfg.privacy)
         self._sample_rate = 1.0
         self.outer = OuterOptimizer(weights, cfg.outer)
         self.shapes = {n: (w.shape, w.dtype) for n, w in self.outer.weights.items()}
@@ -143,7 +143,9 @@ class Coordinator:
         out = self._outcome
         lag = out.round - update.round
         missed = self._missed.get(update.round, ())
-        if 0 < lag <= self.cfg.federation.max_staleness and update.site in missed:
+        # with DP a site counts once, in the round it was planned for (as the accountant)
+        late_ok = 0 < lag <= self.cfg.federation.max_staleness and not self.cfg.privacy.enabled
+        if late_ok and update.site in missed:
             return self._accept_late(update, lag)
         expected = set(self._planned) - set(out.accepted)
         reason = (check_header(update, self.run_id, out.round, expected, self.cfg.up.spec)
@@ -243,11 +245,10 @@ class Coordinator:
             out.train_loss, out.steps = self._on_time.loss(), self._on_time.steps()
             self.step += out.steps  # the schedule clock: the on-time sites' mean steps
             self.tokens += out.tokens
-        if mean is not None and self.cfg.privacy.enabled:  # the noisy aggregate was made
-            # (a refusal tells something about it too): the budget is spent
-            self.privacy_history.append((self.cfg.privacy.noise_multiplier, self._sample_rate))
-        if self.cfg.privacy.enabled:
-            out.epsilon = self.epsilon()
+        if mean is not None:  # the aggregate was made (a refusal tells something about it
+            self.budget.spend(self._sample_rate)  # too): the budget is spent
+        if self.budget.accounted:
+            out.epsilon = self.budget.epsilon()
         self.guard.close_round()
         self._delivered = set(out.accepted)
         missed = set(out.planned) - set(out.accepted)
@@ -259,10 +260,6 @@ class Coordinator:
         self._outcome = self._mean = None
         return out
 
-    def epsilon(self) -> float:
-        """Privacy spent so far: epsilon for ``privacy.delta`` (RDP accountant)."""
-        return epsilon([(s, q, 1) for s, q in self.privacy_history], self.cfg.privacy.delta)
-
     def state_dict(self) -> dict:
         """Everything a restarted coordinator needs to go on exactly (a checkpoint)."""
         missed = {str(r): sorted(s) for r, s in self._missed.items()}
@@ -271,8 +268,7 @@ class Coordinator:
                  "weights": dict(self.weights), "outer": self.outer.state_dict(),
                  "spec_id": self.spec.spec_id, "spec_holders": sorted(self._spec_holders)}
         return state | self.planner.downlink.state_dict() | {
-            "guard": self.guard.state_dict(),
-            "privacy_history": [list(h) for h in self.privacy_history]}
+            "guard": self.guard.state_dict()} | self.budget.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Go back to a checkpoint made by :meth:`state_dict`."""
@@ -288,7 +284,7 @@ class Coordinator:
         self._missed = {int(r): set(s) for r, s in state.get("missed", {}).items()}
         self._delivered = set(state.get("delivered", []))
         self.guard.load_state_dict(state.get("guard", {}))
-        self.privacy_history = [tuple(h) for h in state.get("privacy_history", [])]
+        self.budget.load_state_dict(state)
         self.planner.downlink.load_state_dict(state)
         # sites keep the spec on disk; a changed spec (a resumed run with new settings) goes
         # out again to everyone

@@ -18,6 +18,8 @@ observer could regenerate protects nothing. A DP run is therefore not bit-reprod
 
 from __future__ import annotations
 
+import math
+import os
 import secrets
 import warnings
 from collections.abc import Mapping
@@ -26,6 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from atoll.federation.checks import global_norm
+
+TEST_SEED_ENV = "ATOLL_TEST_NOISE_SEED"
+"""Set to 1 by the test suite alone: only then may ``privacy.seed`` fix the noise."""
 
 
 @dataclass
@@ -40,12 +45,19 @@ class PrivacyConfig:
     """The delta of the reported (epsilon, delta)."""
     seed: int = -1
     """Testing only: draw the noise from this seed (-1 = the operating system's randomness;
-    noise anyone can regenerate protects nothing)."""
+    noise anyone can regenerate protects nothing). Refused unless ``ATOLL_TEST_NOISE_SEED=1``
+    is in the environment, as atoll's own tests set it."""
 
     @property
     def enabled(self) -> bool:
         """Whether updates are clipped and noised (a positive noise multiplier)."""
         return self.noise_multiplier > 0
+
+    def settings(self) -> dict[str, float]:
+        """What the guarantee depends on (a resume that changes it is written in the
+        ledger)."""
+        return {"noise_multiplier": self.noise_multiplier, "clip": self.clip,
+                "delta": self.delta}
 
     def check(self) -> None:
         """Refuse a negative noise multiplier, a clip bound that is not positive, a delta
@@ -53,6 +65,9 @@ class PrivacyConfig:
         if self.noise_multiplier < 0 or self.clip <= 0 or not 0 < self.delta < 1:
             raise ValueError("privacy.noise_multiplier >= 0, privacy.clip > 0 and "
                              "privacy.delta in (0, 1)")
+        if self.seed >= 0 and os.environ.get(TEST_SEED_ENV) != "1":
+            raise ValueError("privacy.seed is for atoll's own tests: noise anyone can "
+                             "regenerate protects nothing (leave it out)")
 
 
 def clip_scale(norm: float, bound: float) -> float:
@@ -111,14 +126,57 @@ class PrivateMean:
 
 def epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     """The epsilon spent for ``delta`` after noisy rounds given as (noise multiplier,
-    sampling rate, rounds) triples, composed by Opacus' RDP accountant."""
+    sampling rate, rounds) triples, composed by Opacus' RDP accountant (infinite once any
+    round had no noise)."""
     from opacus.accountants import RDPAccountant
 
     history = [h for h in history if h[2] > 0]
     if not history:
         return 0.0
+    if any(sigma <= 0 for sigma, _, _ in history):
+        return math.inf  # a round without noise: nothing bounds what it reveals
     accountant = RDPAccountant()
     accountant.history = history
     with warnings.catch_warnings():  # "optimal order is the smallest alpha": epsilon is
         warnings.simplefilter("ignore")  # then enormous anyway, the bound is still valid
         return float(accountant.get_epsilon(delta=delta))
+
+
+class PrivacyBudget:
+    """The privacy a run has spent: one (noise multiplier, sampling rate) per round whose
+    aggregate was made, composed by the RDP accountant.
+
+    Once a round was private every later round is accounted, so DP switched off on a resume
+    makes epsilon unbounded rather than quietly frozen; settings that differ from the
+    checkpoint's are kept in :attr:`change` for the ledger and the report."""
+
+    def __init__(self, cfg: PrivacyConfig) -> None:
+        self.cfg = cfg
+        self.history: list[tuple[float, float]] = []
+        self.change: dict[str, dict[str, float]] | None = None
+
+    @property
+    def accounted(self) -> bool:
+        """Whether rounds count against a budget (DP on now, or on in an earlier round)."""
+        return self.cfg.enabled or bool(self.history)
+
+    def spend(self, sample_rate: float) -> None:
+        """A round's aggregate was made with the current settings."""
+        if self.accounted:
+            self.history.append((self.cfg.noise_multiplier, sample_rate))
+
+    def epsilon(self) -> float:
+        """Privacy spent so far: epsilon for ``privacy.delta``."""
+        return epsilon([(s, q, 1) for s, q in self.history], self.cfg.delta)
+
+    def state_dict(self) -> dict:
+        """The rounds spent and the settings in force (for a checkpoint)."""
+        return {"privacy_history": [list(h) for h in self.history],
+                "privacy": self.cfg.settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to a checkpoint; note a change of settings since it was made."""
+        self.history = [(float(s), float(q)) for s, q in state.get("privacy_history", [])]
+        before = state.get("privacy")
+        if before is not None and dict(before) != self.cfg.settings():
+            self.change = {"from": dict(before), "to": self.cfg.settings()}

@@ -28,7 +28,7 @@ earns nothing and takes nothing from the others.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -46,20 +46,23 @@ class CreditConfig:
 
 
 class ValidationGradient:
-    """``grad L_val`` at given weights, over a fixed set of validation batches."""
+    """``grad L_val`` at given weights, over validation batches read afresh at each call
+    (``batches()``: consent may have changed which rows can be read)."""
 
-    def __init__(self, model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    def __init__(self, model: torch.nn.Module,
+                 batches: Callable[[], list[torch.Tensor]]) -> None:
         self.model = model
-        self.batches = batches
+        self.read_batches = batches
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batches = self.read_batches()
         load_weights(self.model, weights)
         params = dict(self.model.named_parameters())
         was_training = self.model.training
         self.model.eval()  # no dropout: the same weights give the same gradient
         self.model.zero_grad(set_to_none=True)
-        count = sum(b.shape[0] * (b.shape[1] - 1) for b in self.batches)
-        for b in self.batches:  # token-weighted mean loss, as validation_loss computes it
+        count = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+        for b in batches:  # token-weighted mean loss, as validation_loss computes it
             n = b.shape[0] * (b.shape[1] - 1)
             (self.model(input_ids=b, labels=b).loss * (n / count)).backward()
         self.model.train(was_training)

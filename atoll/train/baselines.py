@@ -45,6 +45,7 @@ class CentralisedBaseline:
         n = len(data_dirs)
         steps = total_steps if kind == "data_parallel" else total_steps * n
         self.trainer = InnerTrainer(model, inner, steps)
+        self.data_dirs, self.purpose = list(data_dirs), purpose
         self.readers = []
         for i, d in enumerate(data_dirs):
             s = seed_of("baseline", seed, i)
@@ -73,6 +74,8 @@ class CentralisedBaseline:
         steps = round((tokens - self.tokens) / self.tokens_per_step)
         if steps <= 0:
             return None
+        for reader, d in zip(self.readers, self.data_dirs, strict=True):
+            reader.allow = consent_filter(d, self.purpose)  # consent as of this round
         loss_sum = 0.0
         start = time.perf_counter()
         for _ in range(steps):
