@@ -11,10 +11,15 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from atoll.engines.transport import pack, unpack
+from atoll.engines.transport import object_folder, pack, unpack
 
 server_app = ServerApp()
 client_app = ClientApp()
+
+
+def folder(store: str, writer: str) -> str:
+    """Where ``writer``'s object goes in the store ("" = inside the message)."""
+    return object_folder(store, "bench", writer, "round", 1) if store else ""
 
 
 @server_app.main()
@@ -28,14 +33,15 @@ def main(grid: Grid, context: Context) -> None:
     node = next(iter(grid.get_node_ids()))
     blob = os.urandom(size)  # random: Flower stores identical chunks only once
     start = time.perf_counter()
-    msg = Message(pack(blob, store, "bench/down"), dst_node_id=node, message_type="train",
+    msg = Message(pack(blob, folder(store, "coordinator"), "down"), dst_node_id=node,
+                  message_type="train",
                   group_id="1")
     (mid,) = grid.push_messages([msg])
     replies: list[Message] = []
     while not replies:  # poll quickly: send_and_receive sleeps 3 s between pulls
         replies = list(grid.pull_messages([mid]))
         time.sleep(0.05)
-    back = unpack(replies[0].content)
+    back = unpack(replies[0].content, folder(store, "site"))
     seconds = time.perf_counter() - start
     with open(out, "w") as f:
         json.dump({"mb": size / 1e6, "seconds": seconds, "ok": len(back) == size}, f)
@@ -43,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
 
 @client_app.train()
 def echo(msg: Message, context: Context) -> Message:
-    blob = unpack(msg.content)
-    store = str(msg.content.config_records["meta"].get("url", ""))
-    store = store.rsplit("/bench/", 1)[0] if store else ""
-    return Message(pack(os.urandom(len(blob)), store, "bench/up"), reply_to=msg)
+    url = str(msg.content.config_records["meta"].get("url", ""))
+    store = url.rsplit("/bench/", 1)[0] if url else ""
+    blob = unpack(msg.content, folder(store, "coordinator"))
+    return Message(pack(os.urandom(len(blob)), folder(store, "site"), "up"), reply_to=msg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from atoll.data.demo import build_demo_data
 torch.set_num_threads(1)
 # Tests that check DP noise against a reference draw it from a seed; nothing else may.
 os.environ["ATOLL_TEST_NOISE_SEED"] = "1"
+# The coordinator's ledger keys (kept outside run folders) go to a folder of the test run.
+os.environ.setdefault("ATOLL_LEDGER_KEYS", tempfile.mkdtemp(prefix="atoll-ledger-keys-"))
 
 
 @pytest.fixture(scope="session")

@@ -209,17 +209,13 @@ def test_a_restart_voids_the_rounds_it_repeats_and_shares_match(demo_data, tmp_p
     """Checkpoint every 2 rounds, crash in round 4: round 3 was written to the ledger but is
     run again; the ledger says so (a void entry) and the shares equal the straight run's."""
     from atoll.app.simulate import simulate
-    from tests.test_resume import Crash, CrashingEngine
+    from tests.test_resume import crash_in_round
 
     cfg = small_config(demo_data, ["code", "speeches"], federation={"rounds": 4},
                        checkpoint={"every": 2})
     simulate(cfg, tmp_path / "straight", report=False)
     out = tmp_path / "crashed"
-    run = Run(cfg, out)
-    with pytest.raises(Crash):
-        run.execute(CrashingEngine([Site(s.name, s.data, out / "sites" / s.name)
-                                    for s in cfg.sites], at=4))
-    run.close()
+    crash_in_round(cfg, out, at=4)
     simulate(cfg, out, resume=True, report=False)
     assert verify_ledger(out / "ledger.sqlite").ok
     voids = [e for e in read_entries(out / "ledger.sqlite") if e.kind == "void"]

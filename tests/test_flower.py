@@ -68,7 +68,14 @@ def test_flower_equals_local_engine_and_refuses_strangers(demo_data, tmp_path, f
     rounds = fed.rounds()
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(sorted(r["sites"]) == list(SITES) for r in rounds)
-    assert any((tmp_path / "store").rglob("global.safetensors"))  # weights went by the store
+    # weights went by the store, each writer under its own prefix; the objects of rounds
+    # already checkpointed (two kept: 2 and 3) were deleted, the last round's are left
+    left = {p.relative_to(tmp_path / "store").parts[1:] for p in
+            (tmp_path / "store").rglob("*") if p.is_file()}
+    run_folders = {p[:-1] for p in left}
+    assert ("coordinator", "round-00003") in run_folders
+    assert {("sites", s, "round-00003") for s in SITES} <= run_folders
+    assert all(f[-1].endswith("00003") for f in run_folders), sorted(run_folders)
     # the sites evaluated the global weights on their held-out rows, as they do locally
     val = [{r["round"]: r["val_loss"] for r in read_metrics(out / "metrics.jsonl")
             if r["kind"] == "round" and r["run"] == "federation"}

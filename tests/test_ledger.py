@@ -100,3 +100,67 @@ def test_signatures():
     assert not verify(s.public, b"report!", sig)
     assert not verify(Signer.generate().public, b"report", sig)
     assert not verify(s.public, b"report", "zz")
+
+
+def test_a_run_keeps_its_ledger_key_elsewhere_and_will_not_extend_a_rewritten_ledger(
+        demo_data, tmp_path):
+    """The private key that signs a run's ledger is not in the run folder; a resume first
+    verifies the ledger against it and refuses to append to an edited history."""
+    from atoll.app.books import LedgerError, ledger_key_path
+    from atoll.app.simulate import simulate
+    from atoll.cli import main
+    from tests.conftest import small_config
+
+    cfg = small_config({"code": demo_data["code"]}, federation={"rounds": 2})
+    run = simulate(cfg, tmp_path / "run", report=False)
+    out = run.out
+    assert not (out / "ledger.key").exists() and (out / "ledger.key.pub").exists()
+    key = ledger_key_path(out, run.run_id)
+    assert key.exists() and oct(key.stat().st_mode & 0o777) == "0o600"
+    assert Signer.load_or_create(key).public == (out / "ledger.key.pub").read_text().strip()
+    cfg.federation.rounds = 3
+    tamper(out / "ledger.sqlite", "UPDATE entries SET body = replace(body, '\"tokens\":', "
+                                  "'\"tokens\":1') WHERE kind = 'update'")
+    entries = len(read_entries(out / "ledger.sqlite"))
+    with pytest.raises(LedgerError, match="refusing to append"):
+        simulate(cfg, out, resume=True, report=False)
+    assert main(["simulate", "--resume", str(out)]) != 0  # one line, not a traceback
+    assert len(read_entries(out / "ledger.sqlite")) == entries  # nothing was added
+
+
+def test_sites_hold_signed_heads_that_show_a_cut_or_rewritten_history(demo_data, tmp_path):
+    """An operator with the ledger key can cut the ledger or rewrite an entry and re-sign a
+    consistent chain: `atoll ledger verify` alone then says ok. The heads the sites were sent
+    with every plan say otherwise."""
+    from atoll.app.books import ledger_key_path
+    from atoll.app.simulate import simulate
+    from atoll.cli import main
+    from atoll.ledger.heads import HEADS, read_heads
+    from tests.conftest import small_config
+
+    cfg = small_config({s: demo_data[s] for s in ("code", "speeches")})
+    run = simulate(cfg, tmp_path / "run", report=False)
+    out, ledger = run.out, run.out / "ledger.sqlite"
+    sites = [str(out / "sites" / s) for s in ("code", "speeches")]
+    heads = read_heads(out / "sites" / "code" / HEADS)
+    assert [h["round"] for h in heads] == [1, 2, 3]  # one new head per round's plan
+    entries = read_entries(ledger)
+    assert heads[-1]["seq"] == max(e.seq for e in entries if e.round <= 2)
+    assert main(["ledger", "verify", str(out), *sum((["--site-state", d] for d in sites),
+                                                    [])]) == 0
+    signer = Signer.load_or_create(ledger_key_path(out, run.run_id))
+    keep = [e for e in entries if e.round < 2]  # cut rounds 2 and 3
+    tamper(ledger, f"DELETE FROM entries WHERE seq > {keep[-1].seq}")
+    Ledger(ledger, signer)._write_head(keep[-1].seq, keep[-1].hash)  # re-signed by its key
+    assert verify_ledger(ledger).ok  # the ledger alone cannot tell
+    assert main(["ledger", "verify", str(out), "--site-state", sites[0]]) == 1
+    # now the cut entries come back, but one of round 2 says something else
+    book = Ledger(ledger, signer)
+    for e in entries[len(keep):]:
+        body = dict(e.body, tokens=1) if e.kind == "round" and e.round == 2 else e.body
+        book.append(e.kind, e.round, body)
+    assert verify_ledger(ledger).ok
+    from atoll.ledger.heads import check_heads
+
+    problems = check_heads(ledger, out / "sites" / "code", run.run_id, signer.public)
+    assert problems and all("rewritten" in p for p in problems), problems

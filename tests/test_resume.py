@@ -30,6 +30,19 @@ class CrashingEngine(LocalEngine):
             yield reply
 
 
+def crash_in_round(cfg, out, at: int) -> Run:
+    """Run ``cfg`` into ``out`` until the coordinator dies in round ``at``; the run, closed
+    (the crashed process is gone, and its lock on the folder with it)."""
+    from atoll.federation.site import Site
+
+    run = Run(cfg, out)
+    with pytest.raises(Crash):
+        run.execute(CrashingEngine([Site(s.name, s.data, out / "sites" / s.name)
+                                    for s in cfg.sites], at=at))
+    run.close()
+    return run
+
+
 WALL_CLOCK = {"seconds", "compute_seconds", "ended"}
 BYTES = {"bytes_up", "bytes_down", "eval_bytes"}
 

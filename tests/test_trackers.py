@@ -10,13 +10,11 @@ from collections import defaultdict
 import pytest
 
 from atoll.app.metrics import read_metrics
-from atoll.app.run import Run
 from atoll.app.simulate import simulate
 from atoll.app.trackers import Trackers, check_trackers, scalars
 from atoll.config import ConfigError
-from atoll.federation.site import Site
 from tests.conftest import small_config
-from tests.test_resume import Crash, CrashingEngine
+from tests.test_resume import crash_in_round
 
 SITES = ["code", "speeches"]
 
@@ -117,11 +115,7 @@ def test_a_resumed_run_logs_each_round_once_to_tensorboard(demo_data, tmp_path):
                        checkpoint={"every": 2})
     straight = simulate(cfg, tmp_path / "straight", report=False).out
     out = tmp_path / "crashed"
-    run = Run(cfg, out)
-    with pytest.raises(Crash):
-        run.execute(CrashingEngine([Site(s.name, s.data, out / "sites" / s.name)
-                                    for s in cfg.sites], at=4))
-    run.close()
+    crash_in_round(cfg, out, at=4)
     assert 3 in tensorboard_scalars(out)["federation/val_loss/code"]
     simulate(cfg, out, resume=True, report=False)
     timing = ("seconds", "compute_seconds", "bytes")

@@ -11,6 +11,8 @@ aggregation weight, alignment and value, :mod:`atoll.ledger.credit`) and one ``r
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 
 from atoll.federation.coordinator import RoundOutcome
 from atoll.federation.protocol import SiteUpdate
-from atoll.ledger.chain import Ledger, read_entries
+from atoll.ledger.chain import Ledger, verify_ledger
 from atoll.ledger.credit import ValidationGradient, alignment
 from atoll.ledger.receipts import check_receipt
 from atoll.ledger.signing import Signer
@@ -28,6 +30,24 @@ from atoll.util.hashing import tensors_digest
 
 LEDGER = "ledger.sqlite"
 KEY = "ledger.key"
+KEYS_ENV = "ATOLL_LEDGER_KEYS"
+"""Where the coordinator keeps its ledger keys (default ``~/.config/atoll/ledger-keys``)."""
+
+
+class LedgerError(ValueError):
+    """A ledger that cannot be appended to: it does not verify."""
+
+
+def ledger_key_path(out: Path, run_id: str) -> Path:
+    """The private key that signs run ``run_id``'s ledger: outside the run folder it signs
+    (whoever can rewrite the folder must not also hold the key). A key an older atoll left in
+    the run folder is moved there."""
+    keys = Path(os.environ.get(KEYS_ENV) or Path.home() / ".config" / "atoll" / "ledger-keys")
+    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = keys / f"{run_id}.key"
+    if (out / KEY).exists() and not path.exists():
+        shutil.move(out / KEY, path)
+    return path
 RULE = ("value = w * <grad L_val(theta), theta - theta_site>, w = the update's share of the "
         "round's aggregation weight; share = mean over rounds of max(value, 0) / the round's "
         "sum of positive values, split within a site by tokens read")
@@ -44,14 +64,24 @@ class Books:
         self._state = state  # (the open round, the global weights)
         self.probe = probe
         self.staleness_exponent = staleness_exponent
-        self.signer = Signer.load_or_create(out / KEY)
+        self.signer = Signer.load_or_create(ledger_key_path(out, run_id),
+                                            public_copy=out / f"{KEY}.pub")
         path = out / LEDGER
-        self.entries = read_entries(path) if path.exists() else []
         self.ledger = Ledger(path, self.signer)
+        self.entries = self._verified(path) if not self.ledger.empty else []
         self.pinned = {e.body["site"]: e.body["signer"] for e in self.entries
                        if e.kind == "update"}
         self._pending: dict[tuple[str, int], dict[str, Any]] = {}
         self._grad: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _verified(self, path: Path) -> list:
+        """The entries of a ledger being reopened, once its chain and head check out against
+        this coordinator's key: nothing is appended to a history that was rewritten."""
+        verdict = verify_ledger(path, self.signer.public)
+        if not verdict.ok:
+            raise LedgerError(f"{path}: {verdict}; refusing to append to it (see atoll "
+                              f"ledger verify)")
+        return verdict.read
 
     def start(self, name: str, config_sha256: str) -> None:
         """The genesis entry of a new run: who signs, what for, by which rule."""

@@ -31,8 +31,12 @@ def coordinator_main(grid: Grid, context: Context) -> None:
     cfg.baseline.kinds = []  # the sites' data is not here: baselines are simulation-only
     progress = Progress(stream=sys.stdout, interval_s=0.0)
     run = Run(cfg, out, resume=bool(rc["resume"]), progress=progress)
+    # the largest honest reply: an fp32 update of every parameter, its header and slack
+    params = sum(w.numel() for w in run.coordinator.weights.values())
     engine = FlowerEngine(grid, store=cfg.comm.store, min_sites=cfg.federation.min_sites,
                           allowed={s.name for s in cfg.sites} or None, log=progress.log,
+                          max_reply_bytes=4 * params + params // 16 + (16 << 20),
+                          registered_only=bool(rc.get("authenticated", False)),
                           on_sites=lambda nodes: run.status.sites(list(nodes)))
     run.execute(engine)
     run.finish()

@@ -86,7 +86,7 @@ class Run:
             lambda: (self.coordinator.round + 1, self.coordinator.weights),
             ValidationGradient(self.model, probe_batches) if probe_batches() else None,
             self.cfg.federation.staleness_exponent)
-        self.coordinator.audit = books.audit
+        self.coordinator.audit, self.coordinator.ledger_head = books.audit, books.ledger.head
         books.start(self.cfg.name, hashlib.sha256(
             (self.out / "config.toml").read_bytes()).hexdigest())
         return books
@@ -234,7 +234,9 @@ class Run:
                                  "bytes_down": self.bytes_down}}
         parts |= {f"baseline-{b.kind}": b.state_dict() for b in self.baselines}
         path = self.folder.save_checkpoint(r, parts, self.cfg.checkpoint.keep)
-        self.coordinator.checkpointed = self._restart_floor()
+        self.coordinator.checkpointed = floor = self._restart_floor()
+        if getattr(self, "_engine", None):  # no restart needs them, nor a late update
+            self._engine.release(min(floor + 1, r + 1 - self.cfg.federation.max_staleness))
         return path
 
     def _restart_floor(self) -> int:

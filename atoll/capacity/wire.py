@@ -30,8 +30,9 @@ _DTYPES = {torch.float32: ("F32", 3), torch.bfloat16: ("BF16", 2), torch.int8: (
 UPDATE_HEADER_BYTES = 900
 """An update's JSON header (counts, timings, the signed receipt of what was read): 850-860
 bytes measured for a site reading one data source; more for each further source."""
-PLAN_HEADER_BYTES = 250
-"""A plan's JSON header without the run spec (later rounds): 236-240 bytes measured."""
+PLAN_HEADER_BYTES = 490
+"""A plan's JSON header without the run spec (later rounds), with the signed ledger head
+(about 240 bytes of it): 480-490 bytes measured."""
 
 
 def wire_tensors(shapes: Mapping[str, tuple[int, ...]], codec: CodecConfig) -> WireTensors:

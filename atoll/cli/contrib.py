@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def cmd_contribute(args: argparse.Namespace) -> int:
@@ -74,7 +75,29 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     key = Path(args.key).read_text().strip() if args.key else None
     verdict = verify_ledger(path, key)
     print(verdict, file=sys.stdout if verdict.ok else sys.stderr)
-    return 0 if verdict.ok else 1
+    if not verdict.ok or not args.site_state:
+        return 0 if verdict.ok else 1
+    return _check_site_heads(path, verdict, key, args.site_state)
+
+
+def _check_site_heads(path: Path, verdict: Any, key: str | None, state_dirs: list[str]
+                      ) -> int:
+    """``--site-state``: the heads each site kept, against the ledger; 1 if any is gone."""
+    from atoll.ledger.heads import HEADS, check_heads, read_heads
+
+    genesis = verdict.read[0].body if verdict.read else {}
+    public = key or str(genesis.get("coordinator_key", ""))
+    failed = 0
+    for d in state_dirs:
+        seen = [h for h in read_heads(Path(d) / HEADS)
+                if h.get("run_id") == genesis.get("run_id")]
+        problems = check_heads(path, Path(d), str(genesis.get("run_id")), public)
+        for line in problems:
+            print(f"{d}: {line}", file=sys.stderr)
+        if not problems:
+            print(f"{d}: all {len(seen)} ledger heads this site saw are in the ledger")
+        failed += bool(problems)
+    return 1 if failed else 0
 
 
 def cmd_shares(args: argparse.Namespace) -> int:
@@ -137,6 +160,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     le.add_argument("action", choices=["verify"])
     le.add_argument("run_dir")
     le.add_argument("--key", help="file with the coordinator's public key (ledger.key.pub)")
+    le.add_argument("--site-state", action="append", default=[], metavar="DIR",
+                    help="a site's state directory: check the ledger heads it was sent "
+                         "(shows a rewritten or cut history; repeatable)")
     le.set_defaults(func=cmd_ledger)
 
     sh = sub.add_parser("shares", help="each contributor's share of a run's model")

@@ -16,14 +16,28 @@ INSECURE_HELP = "no TLS, no authentication (loopback development only)"
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """``atoll keys``: the federation's CA, coordinator certificate and site keys."""
-    from atoll.deploy.keys import make_keys
+    from atoll.deploy.keys import add_site_key, make_keys, make_site_key
 
+    if args.site:  # on the site's machine: its own key, never shipped anywhere
+        public = make_site_key(args.dir, args.site)
+        print(f"{Path(args.dir) / args.site}: this site's private key (keep it here)")
+        print(f"send {public} to the coordinator's operator, who runs: atoll keys DIR "
+              f"--add-site {public.name}\n{public.read_text().strip()}")
+        return 0
+    if args.add_site:
+        name = add_site_key(args.dir, args.add_site)
+        print(f"{args.dir}/sites/{name}.pub: site {name!r} registered at the next start "
+              f"of atoll coordinator")
+        return 0
     sites = [s for s in (args.sites or "").split(",") if s]
     hosts = [h for h in (args.hosts or "").split(",") if h]
     written = make_keys(args.dir, sites, hosts)
     print(f"{args.dir}: {', '.join(written) or 'nothing new'}")
-    print("give the coordinator the whole directory; give each site ca.crt and its own "
-          "sites/NAME (keep ca.key and the private keys secret)")
+    print("give each site ca.crt (the coordinator keeps ca.key and server.key); a site "
+          "makes its own key with atoll keys DIR --site NAME")
+    if sites:
+        print("sites/NAME private keys were made here for trying things out: a site that "
+              "uses one must be sent it; better, it makes its own")
     return 0
 
 
@@ -145,6 +159,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     k.add_argument("dir", help="keys directory (created; existing keys are kept)")
     k.add_argument("--sites", help="comma-separated site names to make keys for")
     k.add_argument("--hosts", help="comma-separated names/IPs the coordinator is reached at")
+    k.add_argument("--site", metavar="NAME",
+                   help="on a site's machine: make only this site's own key pair in DIR")
+    k.add_argument("--add-site", metavar="NAME.pub",
+                   help="on the coordinator: register a public key a site sent")
     k.set_defaults(func=cmd_keys)
 
     _add_coordinator(sub)

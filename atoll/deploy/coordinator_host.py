@@ -90,7 +90,7 @@ class CoordinatorHost:
         app = fc.write_app(self.flower / "app")
         run_config = fc.write_toml(self.flower / "run-config.toml", {
             "config": str(config_path.resolve()), "out": str(self.opts.out.resolve()),
-            "resume": self.opts.resume})
+            "resume": self.opts.resume, "authenticated": not self.opts.insecure})
         res = fc.flwr_json(["run", str(app), fc.CONNECTION, "--run-config", str(run_config)],
                            self.env)
         if not res.get("success"):
@@ -153,7 +153,7 @@ def serve_coordinator(opts: CoordinatorOptions, config_path: Path,
             log(f"registered site keys: {', '.join(names) or 'none (add with atoll keys)'}")
         run_id = coord.start_run(config_path)
         log(f"run {run_id} started; run folder {opts.out}")
-        how = "--insecure" if opts.insecure else f"--keys {opts.keys}"
+        how = "--insecure" if opts.insecure else "--key YOUR_KEY --ca ca.crt"
         log(f"sites join with: atoll site --coordinator {public} --data DIR --name NAME {how}")
         status = coord.follow()
     except KeyboardInterrupt:

@@ -146,7 +146,8 @@ def write_app(app_dir: Path) -> Path:
             "publisher": "atoll",
             "components": {"serverapp": "atoll.app.flower_server:server_app",
                            "clientapp": "atoll.engines.flower_client:client_app"},
-            "config": {"config": "", "out": "", "resume": False}}}}})
+            "config": {"config": "", "out": "", "resume": False,
+                       "authenticated": False}}}}})
     return app_dir
 
 

@@ -18,6 +18,7 @@ import ipaddress
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -81,13 +82,50 @@ def _make_server_cert(root: Path, hosts: list[str], now: dt.datetime) -> None:
     write_atomic(root / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _make_site_key(root: Path, site: str) -> None:
+def _make_site_key(folder: Path, site: str) -> Path:
+    """``folder/site`` (the private key, 0600) and ``folder/site.pub``; the public key's path."""
     key = ec.generate_private_key(ec.SECP384R1())
-    sites = root / "sites"
-    _write_secret(sites / site, _private_pem(key, serialization.PrivateFormat.OpenSSH))
+    _write_secret(folder / site, _private_pem(key, serialization.PrivateFormat.OpenSSH))
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH)
-    write_atomic(sites / f"{site}.pub", public + f" {site}\n".encode())
+    write_atomic(folder / f"{site}.pub", public + f" {site}\n".encode())
+    return folder / f"{site}.pub"
+
+
+def _check_site_name(site: str) -> None:
+    if not site or any(c in site for c in "/\\ \t") or site in (".", ".."):
+        raise ValueError(f"site name {site!r} must be non-empty, without spaces or /")
+
+
+def make_site_key(folder: str | Path, site: str) -> Path:
+    """On the site's own machine: its private key ``folder/site`` (kept there, mode 0600)
+    and the public key to send to the coordinator's operator; the public key's path."""
+    _check_site_name(site)
+    folder = Path(folder)
+    if (folder / site).exists():
+        raise FileExistsError(f"{folder / site} exists: a site keeps the key it registered")
+    folder.mkdir(parents=True, exist_ok=True)
+    return _make_site_key(folder, site)
+
+
+def add_site_key(root: str | Path, public_key: str | Path, site: str = "") -> str:
+    """On the coordinator: register a site's public key (made by :func:`make_site_key` on
+    the site's machine) under ``root/sites``; the site's name (from the key's comment unless
+    given). Only the public key is ever held here."""
+    text = Path(public_key).read_text().strip()
+    parts = text.split()
+    try:
+        serialization.load_ssh_public_key(" ".join(parts[:2]).encode())
+    except (ValueError, IndexError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(f"{public_key}: not an OpenSSH public key (atoll keys --site makes "
+                         f"one)") from None
+    site = site or (parts[2] if len(parts) > 2 else "")
+    _check_site_name(site)
+    dest = Path(root) / "sites" / f"{site}.pub"
+    if dest.exists() and dest.read_text().split()[:2] != parts[:2]:
+        raise FileExistsError(f"{dest} holds another key for site {site!r}; remove it first")
+    write_atomic(dest, f"{parts[0]} {parts[1]} {site}\n".encode())
+    return site
 
 
 def make_keys(root: str | Path, sites: list[str], hosts: list[str] | None = None) -> list[str]:
@@ -103,10 +141,9 @@ def make_keys(root: str | Path, sites: list[str], hosts: list[str] | None = None
         _make_server_cert(root, hosts or [], now)
         written += ["server.pem", "server.key"]
     for site in sites:
-        if not site or any(c in site for c in "/\\ \t"):
-            raise ValueError(f"site name {site!r} must be non-empty, without spaces or /")
+        _check_site_name(site)
         if not (root / "sites" / site).exists():
-            _make_site_key(root, site)
+            _make_site_key(root / "sites", site)
             written += [f"sites/{site}", f"sites/{site}.pub"]
     return written
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from atoll.engines.transport import pack, unpack
+from atoll.engines.transport import object_folder, pack, plain_name, unpack
 from atoll.federation.evaluation import checked_report
 from atoll.federation.protocol import (
     EvalReport,
@@ -57,10 +57,16 @@ class FlowerEngine:
 
     def __init__(self, grid: Grid, *, store: str = "", min_sites: int = 1,
                  allowed: set[str] | None = None, poll_s: float = 0.2,
-                 log: Callable[[str], None] = print,
+                 log: Callable[[str], None] = print, max_reply_bytes: int = 0,
+                 registered_only: bool = False,
                  on_sites: Callable[[dict[str, int]], None] | None = None) -> None:
         self.grid = grid
         self.store = store
+        self.max_reply_bytes = max_reply_bytes  # 0 = no cap on a reply's payload
+        # authenticated federations: a site's name is the one its key was registered
+        # under, never one it states; a node without one is refused
+        self.registered_only = registered_only
+        self._folders: dict[int, set[str]] = {}  # round -> store folders written for it
         self.min_sites = min_sites
         self.allowed = allowed or None
         self.poll_s = poll_s
@@ -69,7 +75,7 @@ class FlowerEngine:
         self.names: dict[int, str] = {}  # node id -> site name, as learned
         self.nodes: dict[str, int] = {}  # site name -> node id, online now
         self._last_seen: set[str] = set()
-        self._ignored: set[int] = set()
+        self._ignored: set[int | tuple[int, ...]] = set()  # nodes (or clashes) logged
 
     # -- membership ----------------------------------------------------------------------
 
@@ -88,22 +94,43 @@ class FlowerEngine:
     def _refresh(self) -> None:
         online = {n.node_id: n.name for n in self.grid.get_nodes() if n.status == "online"}
         unknown = [nid for nid, name in online.items() if not name and nid not in self.names]
-        if unknown:
+        if unknown and not self.registered_only:
             self._hello(unknown)
-        nodes: dict[str, int] = {}
+        claims: dict[str, list[int]] = {}
         for nid, registered in sorted(online.items()):
-            name = registered or self.names.get(nid)
-            if not name:
-                continue
-            if self.allowed is not None and name not in self.allowed:
-                if nid not in self._ignored:
-                    self._ignored.add(nid)
-                    self.log(f"ignoring site {name!r}: not among the config's [[sites]]")
-                continue
-            if name in nodes:
-                self.log(f"two online nodes claim site name {name!r}; ignoring node {nid}")
-                continue
-            nodes[name] = nid
+            name = registered or ("" if self.registered_only else self.names.get(nid, ""))
+            reason = self._refusal(name)
+            if reason:
+                self._ignore(nid, f"ignoring node {nid}: {reason}")
+            elif name:
+                claims.setdefault(name, []).append(nid)
+        nodes = {}
+        for name, nids in claims.items():
+            if len(nids) == 1:
+                nodes[name] = nids[0]
+            else:  # which of them holds the site's key? Trust none of them
+                self._ignore(tuple(nids), f"nodes {', '.join(map(str, nids))} all claim site "
+                                          f"name {name!r}: none of them takes part")
+        self._set_nodes(nodes)
+
+    def _refusal(self, name: str) -> str | None:
+        """Why a node serving under ``name`` cannot take part (None: it can)."""
+        if not name:
+            return "no registered name" if self.registered_only else None
+        if not plain_name(name):  # it names folders and log lines
+            return f"{name[:100]!r} is not a plain site name"
+        if self.allowed is not None and name not in self.allowed:
+            return f"site {name!r} is not among the config's [[sites]]"
+        return None
+
+    def _ignore(self, key: int | tuple[int, ...], line: str) -> None:
+        """Say ``line`` once for ``key`` (a node, or nodes in a clash)."""
+        if key not in self._ignored:
+            self._ignored.add(key)
+            self.log(line)
+
+    def _set_nodes(self, nodes: dict[str, int]) -> None:
+        """The sites online now; who joined and who left is logged."""
         self.nodes = nodes
         if set(nodes) != self._last_seen:
             joined = sorted(set(nodes) - self._last_seen)
@@ -158,17 +185,18 @@ class FlowerEngine:
         for nid, reply in self._push_pull(msgs, deadline_s):
             site = by_node[nid]
             r = plans[site].round
+            folder = self._folder(plans[site].run_id, site, kind, r)
             if reply is None:
                 yield SiteFailure(site, r, f"no reply within the {deadline_s:.0f}s deadline")
             elif reply.has_error():
                 yield SiteFailure(site, r, f"Flower error {reply.error.code}: "
                                            f"{reply.error.reason}")
             else:
-                yield decode(reply, site, r, down[site])
+                yield decode(reply, site, r, down[site], folder, self.max_reply_bytes)
 
     @staticmethod
-    def _decode_report(reply: Message, site: str, round_: int, bytes_down: int
-                       ) -> EvalReport | SiteFailure:
+    def _decode_report(reply: Message, site: str, round_: int, bytes_down: int,
+                       folder: str = "", max_bytes: int = 0) -> EvalReport | SiteFailure:
         """Site ``site``'s evaluation report, each field checked, or why it is refused."""
         try:
             text = str(reply.content.config_records["update"]["header"])
@@ -181,14 +209,16 @@ class FlowerEngine:
         return report
 
     @staticmethod
-    def _decode_reply(reply: Message, site: str, round_: int, bytes_down: int
-                      ) -> SiteUpdate | SiteFailure:
+    def _decode_reply(reply: Message, site: str, round_: int, bytes_down: int,
+                      folder: str = "", max_bytes: int = 0) -> SiteUpdate | SiteFailure:
         """Site ``site``'s reply as an update whose header fields all have their types, or
-        the reason it is refused: no reply, however made, raises here."""
+        the reason it is refused: no reply, however made, raises here. Its payload is read
+        only from ``folder`` (the store's folder of this site and round), at most
+        ``max_bytes``."""
         try:
             text = str(reply.content.config_records["update"]["header"])
             head = parse_header(text)
-            blob = unpack(reply.content)
+            blob = unpack(reply.content, folder, max_bytes)
             update = checked_update(head, blob, sender=site)
         except WireError as e:
             return SiteFailure(site, round_, f"undecodable reply: {e}")
@@ -210,11 +240,34 @@ class FlowerEngine:
                 blob = tensor_bytes(plan.weights)
                 n = len(packed)
                 name = "global" if n == 0 else f"global-{n}"
-                folder = "round" if kind == TRAIN else "eval"
-                key = f"{plan.run_id}/{folder}-{plan.round:05d}/{name}.safetensors"
-                packed[id(plan.weights)] = (pack(blob, self.store, key), len(blob))
+                folder = self._folder(plan.run_id, "coordinator", kind, plan.round)
+                packed[id(plan.weights)] = (pack(blob, folder, f"{name}.safetensors"),
+                                            len(blob))
             out[site] = packed[id(plan.weights)]
         return out
+
+    def _folder(self, run_id: str, writer: str, kind: str, round_: int) -> str:
+        """The store folder ``writer``'s objects of ``kind`` for ``round_`` go in ("" with
+        no store), remembered so that :meth:`release` can delete it."""
+        if not self.store:
+            return ""
+        folder = object_folder(self.store, run_id, writer, "round" if kind == TRAIN
+                               else "eval", round_)
+        self._folders.setdefault(round_, set()).add(folder)
+        return folder
+
+    def release(self, before_round: int) -> None:
+        """Delete the store's objects of rounds before ``before_round`` (checkpointed, and
+        too old for a late update): a store does not grow with the rounds."""
+        import fsspec
+
+        for r in sorted(r for r in self._folders if r < before_round):
+            for folder in self._folders.pop(r):
+                fs, path = fsspec.core.url_to_fs(folder)
+                try:
+                    fs.rm(path, recursive=True)
+                except FileNotFoundError:  # nothing was written there (a site that failed)
+                    pass
 
     def _push_pull(self, msgs: list[Message], timeout_s: float
                    ) -> Iterator[tuple[int, Message | None]]:

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from atoll.engines.site_worker import call_worker
-from atoll.engines.transport import pack, unpack
+from atoll.engines.transport import object_folder, pack, unpack
 
 client_app = ClientApp()
 
@@ -49,7 +49,10 @@ def _answer(msg: Message, context: Context, suffix: str) -> Message:
     rec = msg.content.config_records["plan"]
     store = str(rec["store"])
     head = json.loads(str(rec["header"]))
-    blob = unpack(msg.content)
+    kind = "round" if suffix == "update" else "eval"
+    r = int(head["round"])
+    blob = unpack(msg.content, object_folder(store, str(head["run_id"]), "coordinator", kind, r)
+                  if store else "")
     if node.get("worker", False):
         reply, out = call_worker(str(node["state"]), head, blob)
     else:
@@ -63,7 +66,7 @@ def _answer(msg: Message, context: Context, suffix: str) -> Message:
                          fault=str(node.get("fault", "")),
                          device=str(node.get("device", "auto")))
         reply, out = site.answer(head, blob)
-    key = f"{head['run_id']}/round-{head['round']:05d}/{node['name']}.{suffix}"
-    payload = pack(out, store, key)
+    folder = object_folder(store, str(head["run_id"]), str(node["name"]), kind, r) if store else ""
+    payload = pack(out, folder, suffix)
     payload["update"] = ConfigRecord({"header": json.dumps(reply)})
     return Message(payload, reply_to=msg)

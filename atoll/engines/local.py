@@ -109,6 +109,9 @@ class LocalEngine:
             yield SiteFailure(futures[fut], round_, f"no reply within the {deadline_s:g}s "
                                                     "deadline")
 
+    def release(self, before_round: int) -> None:
+        """Nothing to drop: messages stay in this process."""
+
     def close(self) -> None:
         """Wait for sites still training in threads."""
         if self._pool is not None:

@@ -51,6 +51,7 @@ class Coordinator:
         # A last check of a decoded, well-formed update by whoever keeps the books (the
         # contribution ledger): its reason to refuse it, or None.
         self.audit = audit
+        self.ledger_head: Callable[[], dict | None] | None = None  # set by the books' keeper
         self.guard = UpdateGuard(cfg.checks)
         self.budget = PrivacyBudget(cfg.privacy)
         self._sample_rate = 1.0
@@ -99,10 +100,13 @@ class Coordinator:
         self._outcome = RoundOutcome(round=r, planned=list(sites))
         self._on_time = OnTimeTally()
         f = self.cfg.federation
-        return self.planner.plans(
+        plans = self.planner.plans(
             r, sites, self.weights, step=self.step, steps=f.steps_per_round,
             time_budget_s=f.time_budget_s, delivered=self._delivered,
             spec_holders=self._spec_holders, keep_since=self.checkpointed)
+        for plan in plans.values():  # the history so far, signed: the sites keep it
+            plan.ledger_head = self.ledger_head() if self.ledger_head else None
+        return plans
 
     def _aggregate(self, planned: int) -> WeightedMean | RobustAggregate | PrivateMean:
         """Where the round's updates are combined: the token-weighted mean, a robust rule,

@@ -115,6 +115,9 @@ class RoundPlan:
     so the site keeps the state it would need to repeat them."""
     spec: RunSpec | None = None
     """The run spec itself, for a site that may not hold it yet."""
+    ledger_head: dict[str, Any] | None = None
+    """The coordinator's signed ledger head as the round starts (:mod:`atoll.ledger.heads`:
+    the site keeps it as evidence of the history)."""
 
 
 @dataclass
@@ -275,4 +278,9 @@ class Engine(Protocol):
                  ) -> Iterator[EvalReport | SiteFailure]:
         """Deliver evaluation requests and yield each site's report as it arrives, like
         :meth:`exchange` (no training update is ever yielded here)."""
+        ...
+
+    def release(self, before_round: int) -> None:
+        """Rounds before ``before_round`` will not be sent or answered again: drop whatever
+        the engine keeps for them (objects in a store)."""
         ...

@@ -46,6 +46,7 @@ from atoll.federation.protocol import (
     tensor_bytes,
 )
 from atoll.federation.site_state import SiteState, data_seed
+from atoll.ledger.heads import remember_head
 from atoll.ledger.receipts import build_receipt, sign_receipt
 from atoll.ledger.signing import Signer
 from atoll.train.device import resolve_device, to_host
@@ -113,6 +114,7 @@ class Site:
         """One round: receive -> train -> pseudo-gradient -> encode -> sign (``None`` on the
         processes of a site other than rank 0: they only save their state)."""
         spec = self.state.spec_for(plan)
+        remember_head(self.state_dir, plan.run_id, plan.round, plan.ledger_head)
         ahead = self._usable_ahead(plan, spec)
         received = self.receive(plan, spec)
         result = self.train(plan, spec, received, ahead, self._paced(on_step))

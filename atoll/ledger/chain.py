@@ -102,7 +102,7 @@ class Ledger:
         if head is None and before is not None:
             return  # a missing head could hide a truncation: only verify can say
         if head is not None and (before is None or head.get("seq") != before.seq
-                                 or not _head_signed(self.signer.public, head, before.hash)):
+                                 or not head_signed(self.signer.public, head, before.hash)):
             return
         self._write_head(self._seq, self._prev)
 
@@ -122,6 +122,11 @@ class Ledger:
         self._seq, self._prev = seq, h
         self._write_head(seq, h)  # after the commit: a crash leaves it behind, never ahead
         return entry
+
+    def head(self) -> dict[str, Any] | None:
+        """The signed head (last entry's number and hash, signed) as the head file holds it:
+        what every plan carries, so that sites keep evidence of the history (None: empty)."""
+        return _read_head(self.head_path) if self._seq else None
 
     @property
     def empty(self) -> bool:
@@ -146,7 +151,7 @@ def _read_head(path: Path) -> dict[str, Any] | None:
     return head if isinstance(head, dict) else None
 
 
-def _head_signed(key: str, head: dict[str, Any], h: str) -> bool:
+def head_signed(key: str, head: dict[str, Any], h: str) -> bool:
     """Whether ``head`` is ``key``'s signed head at the entry whose hash is ``h``."""
     try:
         return head["hash"] == h and verify(key, _head_bytes(int(head["seq"]), h),

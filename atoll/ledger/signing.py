@@ -29,20 +29,25 @@ class Signer:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def load_or_create(cls, path: str | os.PathLike) -> Signer:
-        """The key in ``path``; a new one is made (and ``path.pub`` written) if none exists."""
+    def load_or_create(cls, path: str | os.PathLike,
+                       public_copy: str | os.PathLike | None = None) -> Signer:
+        """The key in ``path``; a new one is made (and ``path.pub`` written) if none exists.
+        ``public_copy``: also keep the public key there (e.g. beside what the key signs)."""
         path = Path(path)
         if path.exists():
             try:
-                return cls(Ed25519PrivateKey.from_private_bytes(
+                signer = cls(Ed25519PrivateKey.from_private_bytes(
                     bytes.fromhex(path.read_text().strip())))
             except ValueError:
                 raise ValueError(f"{path}: not an atoll signing key (64 hex digits)") from None
-        signer = cls.generate()
-        raw = signer._key.private_bytes_raw().hex().encode()
-        write_atomic(path, raw + b"\n")
-        path.chmod(0o600)
-        write_atomic(path.with_name(path.name + ".pub"), signer.public.encode() + b"\n")
+        else:
+            signer = cls.generate()
+            raw = signer._key.private_bytes_raw().hex().encode()
+            write_atomic(path, raw + b"\n")
+            path.chmod(0o600)
+            write_atomic(path.with_name(path.name + ".pub"), signer.public.encode() + b"\n")
+        if public_copy is not None:
+            write_atomic(Path(public_copy), signer.public.encode() + b"\n")
         return signer
 
     def sign(self, data: bytes) -> str:
