@@ -45,7 +45,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     """``atoll coordinator``: serve a new or resumed run to sites on other machines."""
     from atoll.app.follow import RunFollower
     from atoll.app.progress import Progress
-    from atoll.app.run_config import prepare_deployed_run
+    from atoll.app.run_config import load_run_config, prepare_deployed_run
     from atoll.app.run_folder import lock_run_folder
     from atoll.deploy.coordinator_host import CoordinatorOptions, serve_coordinator
 
@@ -60,10 +60,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         lock = lock_run_folder(out, name=".coordinator.lock")  # noqa: F841
     config = prepare_deployed_run(out, args.config or None, list(args.overrides),
                                   bool(args.resume))
+    sites = [s.name for s in load_run_config(config, simulation=False).sites]
     opts = CoordinatorOptions(out=out, host=args.host, port=args.port,
                               keys=Path(args.keys) if args.keys else None,
                               insecure=args.insecure, resume=bool(args.resume),
-                              public_address=args.public_address or "")
+                              public_address=args.public_address or "", sites=sites)
     progress = Progress(sys.stdout, title=f"atoll coordinator {out}")
     if args.dashboard is not None:
         from atoll.app.dashboard import serve_in_background

@@ -12,13 +12,15 @@ finds its sites again: they keep retrying and reconnect on their own.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from atoll.deploy import flower_cli as fc
 from atoll.deploy.keys import site_public_keys
+from atoll.util.atomic import write_atomic
 
 
 @dataclass
@@ -33,6 +35,9 @@ class CoordinatorOptions:
     resume: bool = False
     public_address: str = ""
     """How sites reach this machine (printed for them); default: this host's name."""
+    sites: list[str] = field(default_factory=list)
+    """The config's ``[[sites]]``: only their keys are registered, and a site registered
+    before that the config no longer names is unregistered (empty: every key in ``keys``)."""
 
 
 class CoordinatorHost:
@@ -75,15 +80,31 @@ class CoordinatorHost:
                             None if o.insecure else o.keys / "ca.crt")
 
     def register_sites(self) -> list[str]:
-        """Register every ``sites/*.pub`` of the keys directory under its site name."""
-        names = []
-        for name, pub in site_public_keys(self.opts.keys).items():
-            res = fc.flwr_json(["supernode", "register", str(pub), fc.CONNECTION,
+        """Register the keys of the sites the config names (every ``sites/*.pub`` of the
+        keys directory if it names none) under their names; unregister the nodes of sites
+        registered on an earlier start that the config no longer names."""
+        keys = site_public_keys(self.opts.keys)
+        wanted = set(self.opts.sites) or set(keys)
+        book = self.flower / "registered.json"  # site name -> node id, as Flower gave it
+        registered = json.loads(book.read_text()) if book.exists() else {}
+        for name in sorted(set(registered) - wanted):
+            node = registered.pop(name)
+            res = fc.flwr_json(["supernode", "unregister", str(node), fc.CONNECTION], self.env)
+            self.log(f"unregistered site {name} (node {node}): not in the config any more"
+                     if res.get("success") else
+                     f"could not unregister site {name}: {res.get('error-message')}")
+        for name in sorted(wanted - set(keys)):
+            self.log(f"no key for site {name}: atoll keys {self.opts.keys} --add-site "
+                     f"{name}.pub")
+        for name in sorted(wanted & set(keys)):
+            res = fc.flwr_json(["supernode", "register", str(keys[name]), fc.CONNECTION,
                                 "--name", name], self.env)
-            if not res.get("success") and "already in use" not in res.get("error-message", ""):
+            if res.get("success"):
+                registered[name] = int(res["node-id"])
+            elif "already in use" not in res.get("error-message", ""):
                 raise RuntimeError(f"registering site {name}: {res.get('error-message')}")
-            names.append(name)
-        return names
+        write_atomic(book, json.dumps(registered).encode())
+        return sorted(wanted & set(keys))
 
     def start_run(self, config_path: Path) -> int:
         """Launch the atoll ServerApp on the SuperLink with ``flwr run``; the Flower run id."""
