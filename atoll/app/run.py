@@ -63,6 +63,7 @@ class Run:
         self.books = self._open_books()
         self.baselines = [self._baseline(kind, init) for kind in cfg.baseline.kinds]
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self._engine: Engine | None = None  # set by execute(): the sites evaluate through it
         self.bytes_up = self.bytes_down = 0
         self._clock = RoundClock(cfg.federation.rounds)
         if resume:
@@ -103,7 +104,7 @@ class Run:
     def execute(self, engine: Engine) -> None:
         """Run rounds until ``federation.rounds`` are done."""
         rounds = self.cfg.federation.rounds
-        self._engine = engine  # the sites evaluate through it too
+        self._engine = engine
         if self.coordinator.round == 0:
             self._after_round(0, None, 0.0)
         while self.coordinator.round < rounds:
@@ -235,7 +236,7 @@ class Run:
         parts |= {f"baseline-{b.kind}": b.state_dict() for b in self.baselines}
         path = self.folder.save_checkpoint(r, parts, self.cfg.checkpoint.keep)
         self.coordinator.checkpointed = floor = self._restart_floor()
-        if getattr(self, "_engine", None):  # no restart needs them, nor a late update
+        if self._engine is not None:  # no restart needs them, nor a late update
             self._engine.release(min(floor + 1, r + 1 - self.cfg.federation.max_staleness))
         return path
 

@@ -181,7 +181,6 @@ class FlowerEngine:
             sites.append(site)
         by_node = {self.nodes[s]: s for s in sites}
         down = {s: payloads[s][1] + len(json.dumps(header(plans[s])).encode()) for s in sites}
-        decode = self._decode_reply if kind == TRAIN else self._decode_report
         for nid, reply in self._push_pull(msgs, deadline_s):
             site = by_node[nid]
             r = plans[site].round
@@ -191,12 +190,15 @@ class FlowerEngine:
             elif reply.has_error():
                 yield SiteFailure(site, r, f"Flower error {reply.error.code}: "
                                            f"{reply.error.reason}")
-            else:
-                yield decode(reply, site, r, down[site], folder, self.max_reply_bytes)
+            elif kind == TRAIN:
+                yield self._decode_reply(reply, site, r, down[site], folder,
+                                         self.max_reply_bytes)
+            else:  # a report carries no payload: nothing to read from the store
+                yield self._decode_report(reply, site, r, down[site])
 
     @staticmethod
-    def _decode_report(reply: Message, site: str, round_: int, bytes_down: int,
-                       folder: str = "", max_bytes: int = 0) -> EvalReport | SiteFailure:
+    def _decode_report(reply: Message, site: str, round_: int, bytes_down: int
+                       ) -> EvalReport | SiteFailure:
         """Site ``site``'s evaluation report, each field checked, or why it is refused."""
         try:
             text = str(reply.content.config_records["update"]["header"])
