@@ -22,15 +22,23 @@ def folder(store: str, writer: str) -> str:
     return object_folder(store, "bench", writer, "round", 1) if store else ""
 
 
+def _newest_node(grid: Grid) -> int:
+    """The node that came online last (a SuperNode stopped a moment ago may still be
+    listed as online until its heartbeat runs out)."""
+    while True:
+        online = [n for n in grid.get_nodes() if n.status == "online"]
+        if online:
+            return max(online, key=lambda n: n.last_activated_at).node_id
+        time.sleep(0.5)
+
+
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     size = int(float(rc["mb"]) * 1e6)
     store = str(rc["store"])
     out = str(rc["out"])
-    while not list(grid.get_node_ids()):
-        time.sleep(0.5)
-    node = next(iter(grid.get_node_ids()))
+    node = _newest_node(grid)
     blob = os.urandom(size)  # random: Flower stores identical chunks only once
     start = time.perf_counter()
     msg = Message(pack(blob, folder(store, "coordinator"), "down"), dst_node_id=node,

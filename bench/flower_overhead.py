@@ -77,44 +77,63 @@ def federation_rounds(tmp: Path, args: argparse.Namespace) -> None:
 
 
 def payloads(tmp: Path, sizes: list[float]) -> None:
+    """An update's round trip to one SuperNode on loopback: inside Flower messages straight
+    to the SuperLink, the same through atoll's fleet gate (what `atoll coordinator` puts on
+    the public port), and through a file:// object store."""
     home = tmp / "echo-home"
     env = fc.flower_env(home)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    port = fc.free_port()
+    port, gate_port = fc.free_port(), fc.free_port()
     link = fc.start([fc.tool("flower-superlink"), "--disable-runtime-dependency-installation",
                      "--insecure", "--host", "127.0.0.1", "--port", str(port)],
                     tmp / "echo-superlink.log", env)
-    node = None
+    gate = node = None
     try:
         fc.wait_for_port("127.0.0.1", port, 60, link)
-        node = fc.start([fc.tool("flower-supernode"), "--insecure", "--superlink",
-                         f"127.0.0.1:{port}", "--port", str(fc.free_port())],
-                        tmp / "echo-supernode.log", env)
+        gate = fc.start([sys.executable, "-m", "atoll.deploy.fleet_gate", "--listen",
+                         f"127.0.0.1:{gate_port}", "--upstream", f"127.0.0.1:{port}"],
+                        tmp / "echo-gate.log", env)
+        fc.wait_for_port("127.0.0.1", gate_port, 60, gate)
         fc.write_connection(home, f"127.0.0.1:{port}", None)
-        app = tmp / "echo-app"
-        app.mkdir()
-        (app / "pyproject.toml").write_text(
-            fc.write_app(tmp / "tmp-app").joinpath("pyproject.toml").read_text()
-            .replace("atoll.engines.flower_client:", "flower_echo_app:")
-            .replace("atoll.app.flower_server:", "flower_echo_app:")
-            .replace('config = ""', 'mb = 1.0\nstore = ""'))
+        app = _echo_app(tmp)
         print("moving an update to a site and the same size back (loopback):")
         for mb in sizes:
-            for mode in ("messages", "file:// store"):
-                store = f"file://{tmp / 'store'}" if mode != "messages" else ""
-                out = tmp / f"echo-{mb}-{len(store)}.json"
-                fc.flwr(["run", str(app), fc.CONNECTION, "--run-config",
-                         f"mb={mb} store='{store}' out='{out}'"], env)
-                deadline = time.monotonic() + 1800
-                while not out.exists() and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                res = json.loads(out.read_text())
-                print(f"  {mb:6.0f} MB each way via {mode:<14} {res['seconds']:7.1f} s  "
+            for i, mode in enumerate(("messages", "messages via gate", "file:// store")):
+                fc.stop(node)  # one SuperNode at a time: the echo app talks to the one there
+                via = gate_port if mode == "messages via gate" else port
+                node = fc.start([fc.tool("flower-supernode"), "--insecure", "--superlink",
+                                 f"127.0.0.1:{via}", "--port", str(fc.free_port())],
+                                tmp / "echo-supernode.log", env)
+                store = f"file://{tmp / 'store'}" if mode == "file:// store" else ""
+                res = _echo(app, env, mb, store, tmp / f"echo-{mb}-{i}.json")
+                print(f"  {mb:6.0f} MB each way via {mode:<17} {res['seconds']:7.1f} s  "
                       f"({2 * mb / res['seconds']:6.1f} MB/s)  ok={res['ok']}")
                 shutil.rmtree(tmp / "store", ignore_errors=True)
     finally:
         fc.stop(node)
+        fc.stop(gate)
         fc.stop(link)
+
+
+def _echo_app(tmp: Path) -> Path:
+    app = tmp / "echo-app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(
+        fc.write_app(tmp / "tmp-app").joinpath("pyproject.toml").read_text()
+        .replace("atoll.engines.flower_client:", "flower_echo_app:")
+        .replace("atoll.app.flower_server:", "flower_echo_app:")
+        .replace('config = ""', 'mb = 1.0\nstore = ""'))
+    return app
+
+
+def _echo(app: Path, env: dict[str, str], mb: float, store: str, out: Path) -> dict:
+    """One echo run: its result, once the ServerApp has written it."""
+    fc.flwr(["run", str(app), fc.CONNECTION, "--run-config",
+             f"mb={mb} store='{store}' out='{out}'"], env)
+    deadline = time.monotonic() + 1800
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return json.loads(out.read_text())
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ FAST = {
 # real Flower processes: the fast development loop (make check) leaves them out
 FLOWER = {
     "wan.py": ([], ["overlap 2 steps", "compute utilisation", "s/round", "segments resent"]),
-    "flower_overhead.py": ([], ["ratio Flower / local", "MB each way via messages",
+    "flower_overhead.py": ([], ["ratio Flower / local", "MB each way via messages via gate",
                                 "MB each way via file:// store"]),
 }
 # modules the benchmarks import or start, not benchmarks themselves

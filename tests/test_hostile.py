@@ -6,25 +6,31 @@ local engine, which gives a Flower run's weights: tests/test_flower.py)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from atoll.app.books import LEDGER
 from atoll.app.run_config import load_run_config
 from atoll.app.simulate import simulate
+from atoll.deploy import flower_cli as fc
 from atoll.deploy.keys import make_keys
 from tests.flower_harness import Federation, write_config
+from tests.outsiders import control_attempts, flwr_as, outsider, wait_for_json, write_evil_app
 
 pytestmark = pytest.mark.slow
 
 HONEST = "code"
 # round r: each hostile site mounts the r-th attack of its list
 ATTACKS = {
-    "mallory": ["update_poison", "header_nan", "header_bad_type", "header_huge_tokens"],
+    "mallory": ["update_poison", "header_nan", "header_bad_type", "header_huge_tokens",
+                "header_node_key"],
     "trudy": ["header_huge_steps", "header_wrong_round", f"header_wrong_site={HONEST}",
-              "header_deep_json"],
+              "header_deep_json", "header_unbound_signer"],
 }
-ROUNDS = 4
+ROUNDS = 5
 
 
 def config(root, members: dict):
@@ -46,10 +52,25 @@ def attacked(demo_data, tmp_path_factory) -> Federation:
         fed.start_site(HONEST, members[HONEST])
         for name, attacks in ATTACKS.items():
             fed.start_site(name, members[name], "--fault", ",".join(attacks))
+        fed.wait_round(1)
+        _mount_control_attacks(fed, root)
         assert fed.wait_finished(timeout_s=400) == 0, fed.log("coordinator")
+        fed.evil_replies = wait_for_json(root / "evil-replies.json", 120)
     finally:
         fed.close()
     return fed
+
+
+def _mount_control_attacks(fed: Federation, root) -> None:
+    """An outsider holding only ca.crt tries Flower's control API on the coordinator's
+    port (knowing the run id from its banner); then an app that is not atoll's is
+    started from the coordinator's own host, as if that host had been taken over."""
+    run_id = re.search(r"run (\d+) started", fed.log("coordinator")).group(1)
+    evil = write_evil_app(root / "evil", len(ATTACKS) + 1, root / "evil-ran",
+                          root / "evil-replies.json")
+    home = outsider(root / "outsider", fed.port, fed.keys / "ca.crt")
+    fed.attempts = control_attempts(home, evil, run_id)
+    fed.evil_run = flwr_as(fed.out / "flower" / "home", "run", str(evil), fc.CONNECTION)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +132,57 @@ def test_another_sites_name_in_the_header(attacked, clean):
 
 def test_deeply_nested_header_json(attacked, clean):
     refused(attacked, clean, "header_deep_json", "deep, the limit is 32")
+
+
+@pytest.mark.parametrize("command", ["ls", "supernode list", "stop", "run"])
+def test_an_outsider_cannot_use_the_control_api(attacked, clean, command):
+    """With the CA certificate and the run id, `flwr ls`, `flwr supernode list`, `flwr stop`
+    and `flwr run` against the coordinator's port all fail: the gate passes only the Fleet
+    API, and says so in its log with the caller's address. The run completes untouched."""
+    res = attacked.attempts[command]
+    assert res.returncode != 0, res.stdout + res.stderr
+    gate = (attacked.out / "flower" / "gate.log").read_text()
+    assert "refused POST '/v1/control/" in gate and "from 127.0.0.1" in gate, gate
+    refused(attacked, clean, "update_poison", "exceeds the bound")  # the run went on
+
+
+def test_a_site_runs_no_app_but_atolls(attacked, clean):
+    """An app that calls itself atoll but brings its own ClientApp, started on the
+    SuperLink (as from a compromised coordinator host): every site refuses it before its
+    code is unpacked, each answer is an error, and its code never ran anywhere."""
+    assert attacked.evil_run.returncode == 0, attacked.evil_run.stdout + attacked.evil_run.stderr
+    replies = attacked.evil_replies
+    assert replies is not None and len(replies) == len(ATTACKS) + 1, replies
+    assert all(r != "ran" for r in replies), replies
+    assert not (attacked.root / "evil-ran").exists()
+    for name in [HONEST, *ATTACKS]:
+        log = (attacked.root / "state" / name / "supernode.log").read_text()
+        assert "refused to run an app: app bundle holds ['evil_app/__init__.py'" in log, log[-3000:]
+    refused(attacked, clean, "header_nan", "NaN")  # the federation's own run went on
+
+
+def test_a_reply_naming_its_own_node_key(attacked, clean):
+    refused(attacked, clean, "header_node_key", "'node_key' is the coordinator's to fill in")
+
+
+def test_a_receipt_key_that_no_registered_node_key_vouches_for(attacked, clean):
+    """A receipt validly signed by a fresh key: trusted on first use it would count."""
+    refused(attacked, clean, "header_unbound_signer",
+            "receipt key is not the one the site's registered node key vouches for")
+
+
+def test_every_counted_receipt_is_vouched_for_by_the_registered_node_key(attacked, clean):
+    """Each update in the ledger names the node key that authenticated it, the key the
+    operator registered for that site, and its binding of the receipt key checks out."""
+    from cryptography.hazmat.primitives import serialization
+
+    from atoll.ledger.chain import read_entries
+    from atoll.ledger.receipts import check_binding
+
+    updates = [e.body for e in read_entries(attacked.out / LEDGER) if e.kind == "update"]
+    assert len(updates) == ROUNDS and {b["site"] for b in updates} == {HONEST}
+    registered = serialization.load_ssh_public_key(
+        (attacked.keys / "sites" / f"{HONEST}.pub").read_bytes())
+    for b in updates:
+        assert serialization.load_pem_public_key(b["node_key"].encode()) == registered
+        assert check_binding(b["node_key"], b["signer"], b["signer_binding"]) is None

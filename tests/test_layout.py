@@ -17,7 +17,7 @@ LAYERS = [
     ("app",),
     ("engines", "deploy", "capacity"),
     ("federation",),
-    ("train", "model", "data", "consent", "ledger", "tokenizer"),
+    ("train", "model", "data", "consent", "ledger", "tokenizer", "paths"),
     ("config",),
     ("util",),
 ]

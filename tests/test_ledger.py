@@ -164,3 +164,17 @@ def test_sites_hold_signed_heads_that_show_a_cut_or_rewritten_history(demo_data,
 
     problems = check_heads(ledger, out / "sites" / "code", run.run_id, signer.public)
     assert problems and all("rewritten" in p for p in problems), problems
+
+
+def test_a_site_keeps_each_head_once_and_survives_a_torn_line(tmp_path):
+    from atoll.ledger.heads import HEADS, read_heads, remember_head
+
+    head = {"seq": 3, "hash": "ab", "signature": "cd"}
+    remember_head(tmp_path, "run", 2, head)
+    remember_head(tmp_path, "run", 3, head)  # the same head again: not kept twice
+    assert [h["round"] for h in read_heads(tmp_path / HEADS)] == [2]
+    with open(tmp_path / HEADS, "a") as f:
+        f.write('{"run_id": "run", "seq"')  # a crash mid-line
+    remember_head(tmp_path, "run", 3, head)  # the last whole line is still this head
+    remember_head(tmp_path, "run", 4, {**head, "seq": 4, "hash": "ef"})
+    assert [h["seq"] for h in read_heads(tmp_path / HEADS)] == [3, 4]

@@ -15,6 +15,7 @@ class Node:
     node_id: int
     name: str
     status: str = "online"
+    public_key: bytes = b""
 
 
 class Nodes:

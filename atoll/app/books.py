@@ -117,6 +117,9 @@ class Books:
             "alignment": value if value is not None and math.isfinite(value) else None,
             "receipt": update.receipt, "receipt_signature": update.receipt_signature,
             "signer": update.signer}
+        if update.node_key:  # which registered key vouched for the receipt key, checkably
+            self._pending[(update.site, update.round)] |= {
+                "node_key": update.node_key, "signer_binding": update.signer_binding}
         return None
 
     def _gradient(self) -> dict[str, torch.Tensor]:

@@ -1,6 +1,8 @@
 """``atoll coordinator``: the SuperLink plus the run, on the coordinator's machine.
 
-It starts ``flower-superlink`` (TLS and SuperNode authentication unless ``--insecure``),
+It starts ``flower-superlink`` (TLS and SuperNode authentication unless ``--insecure``)
+on loopback, and the fleet gate (:mod:`atoll.deploy.fleet_gate`) on the public address:
+sites reach the Fleet API and nothing else, so only this machine can control the run. It
 registers every site public key found in the keys directory, launches the atoll ServerApp
 with ``flwr run`` and then watches the run: it prints who connects and each round as it
 closes, and stops everything cleanly on Ctrl-C. The run folder is the same as a
@@ -13,6 +15,7 @@ finds its sites again: they keep retrying and reconnect on their own.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +54,8 @@ class CoordinatorHost:
         self.flower = opts.out / "flower"
         self.env = fc.flower_env(self.flower / "home")
         self.superlink = None
+        self.gate = None
+        self.superlink_port = fc.free_port()  # loopback only: control stays on this host
         self.run_id: int | None = None
         self.finished = False
         if not opts.insecure and opts.keys is None:
@@ -62,21 +67,28 @@ class CoordinatorHost:
                     raise FileNotFoundError(f"{opts.keys / name} is missing (run atoll keys)")
 
     def start_superlink(self) -> None:
-        """Start ``flower-superlink`` and wait until it listens (TLS and SuperNode
-        authentication unless insecure)."""
+        """Start ``flower-superlink`` on loopback (TLS and SuperNode authentication unless
+        insecure) and the fleet gate in front of it; wait until both listen."""
         o = self.opts
         cmd = [fc.tool("flower-superlink"), "--disable-runtime-dependency-installation",
                "--database", str(self.flower / "superlink.db"),
-               "--host", o.host, "--port", str(o.port)]
+               "--host", "127.0.0.1", "--port", str(self.superlink_port)]
+        gate = [sys.executable, "-m", "atoll.deploy.fleet_gate",
+                "--listen", f"{o.host}:{o.port}", "--upstream", f"127.0.0.1:{self.superlink_port}"]
         if o.insecure:
             cmd.append("--insecure")
         else:
-            cmd += ["--ssl-ca-certfile", str(o.keys / "ca.crt"),
-                    "--ssl-certfile", str(o.keys / "server.pem"),
-                    "--ssl-keyfile", str(o.keys / "server.key"), "--enable-supernode-auth"]
+            tls = ["--ssl-ca-certfile", str(o.keys / "ca.crt"),
+                   "--ssl-certfile", str(o.keys / "server.pem"),
+                   "--ssl-keyfile", str(o.keys / "server.key")]
+            cmd += [*tls, "--enable-supernode-auth"]
+            gate += ["--ca", tls[1], "--cert", tls[3], "--key", tls[5]]
         self.superlink = fc.start(cmd, self.flower / "superlink.log", self.env)
-        fc.wait_for_port("127.0.0.1", o.port, 90, self.superlink)
-        fc.write_connection(self.flower / "home", f"127.0.0.1:{o.port}",
+        fc.wait_for_port("127.0.0.1", self.superlink_port, 90, self.superlink)
+        self.gate = fc.start(gate, self.flower / "gate.log", self.env)
+        fc.wait_for_port("127.0.0.1" if o.host in ("0.0.0.0", "::") else o.host, o.port, 60,
+                         self.gate)
+        fc.write_connection(self.flower / "home", f"127.0.0.1:{self.superlink_port}",
                             None if o.insecure else o.keys / "ca.crt")
 
     def register_sites(self) -> list[str]:
@@ -143,16 +155,19 @@ class CoordinatorHost:
                     return status
             if self.superlink.poll() is not None:
                 return f"superlink exited with status {self.superlink.returncode}"
+            if self.gate is not None and self.gate.poll() is not None:
+                return f"fleet gate exited with status {self.gate.returncode}"
             time.sleep(poll_s)
 
     def stop(self) -> None:
-        """Stop the Flower run (if it is still going) and the SuperLink."""
+        """Stop the Flower run (if it is still going), the gate and the SuperLink."""
         if self.run_id is not None and not self.finished and self.superlink is not None \
                 and self.superlink.poll() is None:
             try:
                 fc.flwr(["stop", str(self.run_id), fc.CONNECTION], self.env, timeout_s=30)
             except (RuntimeError, OSError):
                 pass
+        fc.stop(self.gate)
         fc.stop(self.superlink)
 
 

@@ -11,6 +11,7 @@ With ``--nproc N`` (or under ``torchrun``) the site is several processes trainin
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atoll.data.reader import load_manifest
+from atoll.deploy import app_guard
 from atoll.deploy import flower_cli as fc
 from atoll.engines.site_worker import SiteWorker
 
@@ -134,6 +136,9 @@ def _serve(o: SiteOptions, site: Site, manifest: dict, log: Callable[[str], None
     if o.insecure:
         log(fc.INSECURE_WARNING)
     env = fc.flower_env(o.state / "flower")
+    # Flower starts each ClientApp as `flwr-clientapp` from PATH: ours comes first and
+    # runs nothing but atoll's own app (atoll.deploy.app_guard)
+    env["PATH"] = os.pathsep.join([str(app_guard.install(o.state / "guard")), env["PATH"]])
     log(f"site {o.name}: serving {o.data} ({rows} training rows of {manifest['seq_len']} "
         f"tokens); state in {o.state}")
     log(f"connecting to {o.coordinator} "
@@ -193,9 +198,12 @@ def _make_site(o: SiteOptions) -> Site:
     if o.threads > 0:
         torch.set_num_threads(o.threads)
     if not _launched():
-        return make_site(o.name, o.data, o.state, fault=o.fault, device=o.device)
-    par = Parallel.from_env(local_device(resolve_device(o.device)), shard=o.shard)
-    return Site(o.name, o.data, o.state, device=o.device, parallel=par)
+        site = make_site(o.name, o.data, o.state, fault=o.fault, device=o.device)
+    else:
+        par = Parallel.from_env(local_device(resolve_device(o.device)), shard=o.shard)
+        site = Site(o.name, o.data, o.state, device=o.device, parallel=par)
+    site.node_key = None if o.insecure else o.key  # it vouches for the receipt key
+    return site
 
 
 def _follow(site: Site, log: Callable[[str], None]) -> int:

@@ -6,10 +6,10 @@ development mode, the name it reports when first asked (a ``query.hello`` messag
 
 Each site gets exactly the payload its plan holds; plans that share one (the same weights,
 the same change) share one serialized copy (Flower stores identical objects once; an object
-store is written once per distinct payload). Replies
-are pulled as they arrive; Flower's error replies (node gone, ClientApp crashed) and
-undecodable payloads become :class:`SiteFailure`; whoever has not answered by the deadline
-is reported as failed and the round closes without them.
+store is written once per distinct payload). Replies are pulled as they arrive; Flower's
+error replies (node gone, ClientApp crashed) and undecodable payloads become
+:class:`SiteFailure`; whoever has not answered by the deadline is reported as failed and the
+round closes without them.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class FlowerEngine:
         self.on_sites = on_sites
         self.names: dict[int, str] = {}  # node id -> site name, as learned
         self.nodes: dict[str, int] = {}  # site name -> node id, online now
+        self.node_keys: dict[int, str] = {}  # node id -> its key (it vouches for receipts)
         self._last_seen: set[str] = set()
         self._ignored: set[int | tuple[int, ...]] = set()  # nodes (or clashes) logged
 
@@ -92,7 +93,10 @@ class FlowerEngine:
             time.sleep(2.0)
 
     def _refresh(self) -> None:
-        online = {n.node_id: n.name for n in self.grid.get_nodes() if n.status == "online"}
+        infos = [n for n in self.grid.get_nodes() if n.status == "online"]
+        online = {n.node_id: n.name for n in infos}
+        if self.registered_only:  # keys that authenticated: ledger.receipts checks with them
+            self.node_keys = {n.node_id: bytes(n.public_key).decode("latin-1") for n in infos}
         unknown = [nid for nid, name in online.items() if not name and nid not in self.names]
         if unknown and not self.registered_only:
             self._hello(unknown)
@@ -191,8 +195,11 @@ class FlowerEngine:
                 yield SiteFailure(site, r, f"Flower error {reply.error.code}: "
                                            f"{reply.error.reason}")
             elif kind == TRAIN:
-                yield self._decode_reply(reply, site, r, down[site], folder,
+                out = self._decode_reply(reply, site, r, down[site], folder,
                                          self.max_reply_bytes)
+                if isinstance(out, SiteUpdate):
+                    out.node_key = self.node_keys.get(nid, "")
+                yield out
             else:  # a report carries no payload: nothing to read from the store
                 yield self._decode_report(reply, site, r, down[site])
 

@@ -66,7 +66,9 @@ def _answer(msg: Message, context: Context, suffix: str) -> Message:
                          fault=str(node.get("fault", "")),
                          device=str(node.get("device", "auto")))
         reply, out = site.answer(head, blob)
-    folder = object_folder(store, str(head["run_id"]), str(node["name"]), kind, r) if store else ""
+    # an evaluation report has no payload: nothing to write to the store
+    folder = object_folder(store, str(head["run_id"]), str(node["name"]), kind, r) \
+        if store and out else ""
     payload = pack(out, folder, suffix)
     payload["update"] = ConfigRecord({"header": json.dumps(reply)})
     return Message(payload, reply_to=msg)

@@ -12,7 +12,8 @@ DELTA_FAULTS = ("sign_flip", "scale100", "noise", "zero", "replay", "nan", "shap
 WIRE_FAULTS = ("stale", "garbage")
 """Done to the message after encoding (a broken site or network)."""
 HEADER_FAULTS = ("header_nan", "header_bad_type", "header_huge_tokens", "header_huge_steps",
-                 "header_wrong_round", "header_wrong_site", "header_deep_json")
+                 "header_wrong_round", "header_wrong_site", "header_deep_json",
+                 "header_unbound_signer", "header_node_key")
 """Done to the reply's header: a hostile site lying about what it did, or trying to crash
 the coordinator's parser."""
 EVAL_FAULTS = ("eval_nan", "eval_huge_tokens", "eval_wrong_round")

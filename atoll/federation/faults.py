@@ -27,7 +27,10 @@ What a hostile site writes in its reply's header (:func:`mangle_header`):
 * ``header_huge_steps``: a thousand times the steps and tokens;
 * ``header_wrong_round``: the next round's number;
 * ``header_wrong_site``: another site's name (``header_wrong_site=NAME``);
-* ``header_deep_json``: a receipt nested 500 lists deep (a parser's recursion).
+* ``header_deep_json``: a receipt nested 500 lists deep (a parser's recursion);
+* ``header_unbound_signer``: the receipt re-signed with a fresh key that the site's node
+  key does not vouch for (a key trusted on first use would pass);
+* ``header_node_key``: the header names the node key itself (that is the engine's to say).
 
 What a hostile site writes in its evaluation report (its training stays honest):
 
@@ -52,6 +55,8 @@ from atoll.federation.checks import global_norm
 from atoll.federation.fault_kinds import DELTA_FAULTS, EVAL_FAULTS, parse_faults
 from atoll.federation.protocol import EvalRequest, RoundPlan, RunSpec
 from atoll.federation.site import Site
+from atoll.ledger.receipts import sign_receipt
+from atoll.ledger.signing import Signer
 
 
 @torch.no_grad()
@@ -106,6 +111,12 @@ def mangle_header(head: dict[str, Any], fault: str, arg: str = "") -> dict[str, 
         for _ in range(DEEP_JSON):
             nested = [nested]
         head["receipt"] = {**head["receipt"], "extra": nested}
+    elif fault == "header_unbound_signer":
+        stranger = Signer.generate()
+        head["signer"] = stranger.public
+        head["receipt_signature"] = sign_receipt(head["receipt"], stranger)
+    elif fault == "header_node_key":
+        head["node_key"] = "-----BEGIN PUBLIC KEY-----\nforged\n-----END PUBLIC KEY-----\n"
     return head
 
 

@@ -141,6 +141,12 @@ class SiteUpdate:
     receipt_signature: str = ""
     signer: str = ""
     """The site's Ed25519 public key (hex)."""
+    signer_binding: str = ""
+    """The site's node key vouching for ``signer`` (:func:`atoll.ledger.receipts.bind_signer`;
+    authenticated federations)."""
+    node_key: str = field(default="", repr=False)
+    """Filled in by the engine: the public key the sender's node authenticated with (never
+    taken from the reply; empty without node authentication)."""
     bytes_up: int = 0
     """Filled in by the engine: serialized size of this update."""
     bytes_down: int = 0
@@ -197,11 +203,15 @@ _TENSOR_FIELD = {RoundPlan: "weights", SiteUpdate: "delta", EvalRequest: "weight
 Message = RoundPlan | SiteUpdate | EvalRequest | EvalReport
 
 
+_NOT_SENT = {"node_key"}
+"""Fields the receiving side fills in and a message never carries."""
+
+
 def header(msg: Message) -> dict[str, Any]:
     """The non-tensor fields of a message, tagged with its type and the wire version."""
     tensor_field = _TENSOR_FIELD.get(type(msg))
     fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)
-              if f.name != tensor_field}
+              if f.name != tensor_field and f.name not in _NOT_SENT}
     if isinstance(fields.get("spec"), RunSpec):
         fields["spec"] = dataclasses.asdict(fields["spec"])
     return {"v": WIRE_VERSION, "type": type(msg).__name__, **fields}

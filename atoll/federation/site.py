@@ -47,7 +47,7 @@ from atoll.federation.protocol import (
 )
 from atoll.federation.site_state import SiteState, data_seed
 from atoll.ledger.heads import remember_head
-from atoll.ledger.receipts import build_receipt, sign_receipt
+from atoll.ledger.receipts import bind_signer, build_receipt, sign_receipt
 from atoll.ledger.signing import Signer
 from atoll.train.device import resolve_device, to_host
 from atoll.train.distributed import Parallel, local_device
@@ -78,6 +78,7 @@ class Site:
         self._ahead: tuple[int, list[TrainResult], set[int] | None] | None = None
         self._allowed: set[int] | None = None  # sources consent lets this round read
         self._signer: Signer | None = None
+        self.node_key: Path | None = None  # its node's private key: vouches for receipts
         self.evaluator = SiteEvaluator(name, self.data_dir, self.device)
 
     # what tests and the site worker look at
@@ -241,7 +242,12 @@ class Site:
             tokens=result.tokens, steps=result.steps, train_loss=result.loss,
             seconds=result.seconds, compute_seconds=result.compute_seconds,
             codec=parse_spec(spec.codec_up).spec, receipt=receipt,
-            receipt_signature=sign_receipt(receipt, signer), signer=signer.public)
+            receipt_signature=sign_receipt(receipt, signer), signer=signer.public,
+            signer_binding=self.signer_binding())
+
+    def signer_binding(self) -> str:
+        """The node key's signature over the receipt key ("" without a node key)."""
+        return bind_signer(self.node_key, self.signer().public) if self.node_key else ""
 
     def save(self, plan: RoundPlan, spec: RunSpec) -> None:
         """Save this process's state at the end of ``plan``'s round."""

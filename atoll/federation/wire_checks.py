@@ -31,7 +31,9 @@ MAX_TEXT = 4096
 
 _INTS = ("round", "tokens", "steps", "bytes_up", "bytes_down")
 _FLOATS = ("train_loss", "seconds", "compute_seconds")
-_STRINGS = ("run_id", "site", "codec", "receipt_signature", "signer")
+_STRINGS = ("run_id", "site", "codec", "receipt_signature", "signer", "signer_binding")
+_FILLED_IN = {"bytes_up", "bytes_down", "node_key"}
+"""Fields the engine fills in; a site may leave them out."""
 _FIELDS = {f.name for f in dataclasses.fields(SiteUpdate)} - {"delta"}
 
 
@@ -92,8 +94,11 @@ def check_fields(head: dict[str, Any]) -> None:
     keys = set(head) - {"v", "type"}
     if keys - _FIELDS:
         raise WireError(f"unexpected header field {sorted(keys - _FIELDS)[0]!r}")
-    if _FIELDS - keys - {"bytes_up", "bytes_down"}:  # the engine fills those two in
-        raise WireError(f"header field {sorted(_FIELDS - keys)[0]!r} is missing")
+    if _FIELDS - keys - _FILLED_IN:
+        raise WireError(f"header field {sorted(_FIELDS - keys - _FILLED_IN)[0]!r} is missing")
+    if head.get("node_key", "") != "":  # who sent a reply is the engine's to say, never the reply's
+        raise WireError("header field 'node_key' is the coordinator's to fill in, not the "
+                        "site's")
     for name in _INTS:
         v = head.get(name, 0)
         if type(v) is not int or v < 0:

@@ -29,15 +29,37 @@ def remember_head(state_dir: Path, run_id: str, round_: int, head: dict[str, Any
     path = Path(state_dir) / HEADS
     record = {"run_id": run_id, "round": round_, "seq": head.get("seq"),
               "hash": head.get("hash"), "signature": head.get("signature")}
-    seen = read_heads(path)
-    if seen and {k: seen[-1][k] for k in ("run_id", "seq", "hash")} == \
+    last = _last_head(path)
+    if last and {k: last.get(k) for k in ("run_id", "seq", "hash")} == \
             {k: record[k] for k in ("run_id", "seq", "hash")}:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    with open(path, "a+b") as f:
+        torn = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        # after a crash mid-line, start a fresh line: the new head must not join the torn one
+        f.write((b"\n" if torn else b"") + json.dumps(record, sort_keys=True).encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _last_head(path: Path) -> dict[str, Any] | None:
+    """The last head kept, reading only the file's end (it grows by a line a round)."""
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    for line in reversed(lines):
+        try:
+            head = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line, or the cut first one
+        if isinstance(head, dict):
+            return head
+    return None
 
 
 def read_heads(path: Path) -> list[dict[str, Any]]:

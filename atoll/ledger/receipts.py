@@ -14,7 +14,12 @@ the update, before the update may count.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from atoll.ledger.chain import canonical
 from atoll.ledger.signing import Signer, verify
@@ -46,14 +51,49 @@ def sign_receipt(receipt: dict[str, Any], signer: Signer) -> str:
     return signer.sign(canonical(receipt).encode())
 
 
+def _binding_text(signer: str) -> bytes:
+    return f"atoll receipt signer v1: {signer}".encode()
+
+
+def bind_signer(node_key: str | Path, signer: str) -> str:
+    """The site's node key (its OpenSSH private key file) vouching for ``signer``: an ECDSA
+    signature, hex."""
+    key = serialization.load_ssh_private_key(Path(node_key).read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{node_key}: not an ECDSA key (atoll keys makes one)")
+    return key.sign(_binding_text(signer), ec.ECDSA(hashes.SHA256())).hex()
+
+
+def check_binding(node_key: str, signer: str, binding: str) -> str | None:
+    """Why ``binding`` does not show the node key ``node_key`` (PEM or OpenSSH public key,
+    as the node authenticated with) vouching for the receipt key ``signer``, or None."""
+    if not binding:
+        return "receipt key not vouched for by the site's node key (no binding)"
+    try:
+        text = node_key.encode()
+        public = (serialization.load_pem_public_key(text) if text.startswith(b"-----")
+                  else serialization.load_ssh_public_key(text))
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            return "the node's key is not an ECDSA key"
+        public.verify(bytes.fromhex(binding), _binding_text(signer), ec.ECDSA(hashes.SHA256()))
+    except (ValueError, TypeError, InvalidSignature):
+        return "receipt key is not the one the site's registered node key vouches for"
+    return None
+
+
 def check_receipt(update: Any, run_id: str, purpose: str, pinned: str | None
                  ) -> str | None:
-    """Why ``update``'s receipt cannot be accepted, or None. ``pinned``: the key this site
-    signed with earlier in the run, if any."""
+    """Why ``update``'s receipt cannot be accepted, or None. The receipt key must be
+    vouched for by the sender's node key (``update.node_key``, filled in by the engine) or,
+    with no node keys, be ``pinned``: the key this site signed with earlier in the run."""
     r = update.receipt
     if not r or not update.signer:
         return "no signed contribution receipt"
-    if pinned is not None and update.signer != pinned:
+    if update.node_key:
+        why = check_binding(update.node_key, update.signer, update.signer_binding)
+        if why is not None:
+            return why
+    elif pinned is not None and update.signer != pinned:
         return "receipt signed with a different key than this site used before"
     if not verify(update.signer, canonical(r).encode(), update.receipt_signature):
         return "bad signature on the contribution receipt"
