@@ -36,6 +36,8 @@ FAST = {
                         "peak memory allocated"]),
     "plan_check.py": ([], ["payload up", "exact: True", "predicted / measured"]),
     "demo_frontier.py": ([], ["data-parallel baseline", "vs data-parallel", "x fewer bytes"]),
+    "routing.py": ([], ["4 paths (2 x 2), product", "no idf",
+                             "random paths (baseline)"]),
     "demo_phases.py": ([], ["data preparation", "sites: inner steps", "credit probe",
                             "data-parallel baseline training", "total wall time", "bare steps"]),
     "gpu.py": ([], ["site trainer (InnerTrainer.run)", "bare PyTorch loop", "ratio site / bare",

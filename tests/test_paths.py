@@ -156,7 +156,7 @@ def test_product_kmeans_finds_a_product_of_clusters():
     centres = gen.normal(size=(2, 2, 8)) * 3
     x = np.concatenate([centres[0][truth[:, 0]], centres[1][truth[:, 1]]], axis=1)
     x = (x + gen.normal(scale=0.3, size=x.shape)).astype(np.float32)
-    routed = Router.fit(x, GRID, RouterConfig(dim=16)).route(x)
+    routed = Router.fit(x, GRID, RouterConfig(dim=16, kind="product")).route(x)
     pairs = set(zip(map(tuple, truth.tolist()), routed, strict=True))
     assert len(pairs) == 4 and len({p for _, p in pairs}) == 4  # a one-to-one map
 
@@ -209,3 +209,51 @@ def test_every_path_is_exported_as_a_model_and_a_prompt_finds_its_own(tiny, demo
     assert path == router.route_rows(encode_fast(tokenizer, prompt)[None, :])[0]
     want = path_weights(grid, path, GRID)
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+@pytest.fixture
+def consented_pool(tmp_path):
+    """alice: research only; bob: commercial (rows of 64 tokens)."""
+    from atoll.consent.pool import Pool
+    from tests.test_consent import text_file
+
+    p = Pool.open_or_create(tmp_path / "pool", seq_len=64)
+    p.contribute("alice", text_file(tmp_path / "a.txt", 1), ["research"], log=lambda s: None)
+    p.contribute("bob", text_file(tmp_path / "b.txt", 2), ["commercial"], log=lambda s: None)
+    p.close()
+    return tmp_path / "pool"
+
+
+def test_a_site_samples_and_trains_only_rows_consent_allows(consented_pool, tmp_path):
+    from atoll.consent.pool import consent_filter
+    from atoll.paths.site_rows import route_split, rows_of_path, sample_features, tokens_per_path
+
+    ds = TokenDataset(consented_pool, "train")
+    allow = consent_filter(consented_pool, "commercial")
+    bob = {int(s) for s in np.unique(ds.source_of(np.arange(len(ds)))) if allow(int(s))}
+    assert 0 < len(bob) < len(ds.sources)  # consent really cuts something here
+    cfg = RouterConfig(sample_rows=40)
+    sample = sample_features(ds, cfg, seed=0, allow=allow)
+    allowed = np.flatnonzero(np.isin(ds.source_of(np.arange(len(ds))), list(bob)))
+    pick = np.sort(np.random.default_rng(0).choice(allowed, size=40, replace=False))
+    np.testing.assert_array_equal(sample, prefix_features(ds.rows(pick), cfg))  # bob's only
+    router = Router.fit(sample, GRID, cfg)
+    routes = route_split(ds, router, GRID, cache=tmp_path / "state")
+    assert len(list((tmp_path / "state").glob("routes-*.npy"))) == 1
+    np.testing.assert_array_equal(route_split(ds, router, GRID, cache=tmp_path / "state"),
+                                  routes)  # from the cache
+    trained = np.concatenate([rows_of_path(routes, p, GRID, ds, allow) for p in GRID.paths()])
+    assert sorted(trained.tolist()) == allowed.tolist()  # a partition of the allowed rows
+    assert sum(tokens_per_path(routes, GRID, ds, allow).values()) == len(allowed) * 64
+
+
+def test_a_site_trains_its_paths_in_proportion_to_its_tokens_and_only_those():
+    from atoll.paths.planning import assign_paths
+
+    tokens = {"a": {(0, 0): 3000, (1, 1): 1000}, "b": {(0, 1): 500}, "c": {(1, 0): 0}}
+    drawn = [assign_paths(tokens, r, seed=7) for r in range(1, 2001)]
+    assert all("c" not in d for d in drawn)  # nothing routed to it: no path
+    assert {d["b"] for d in drawn} == {(0, 1)}
+    share = sum(d["a"] == (0, 0) for d in drawn) / len(drawn)
+    assert abs(share - 0.75) < 0.03  # 3000 of its 4000 tokens (binomial sd 0.01)
+    assert drawn[41] == assign_paths(tokens, 42, seed=7)  # a resumed run draws the same
