@@ -195,11 +195,8 @@ class FlowerEngine:
                 yield SiteFailure(site, r, f"Flower error {reply.error.code}: "
                                            f"{reply.error.reason}")
             elif kind == TRAIN:
-                out = self._decode_reply(reply, site, r, down[site], folder,
-                                         self.max_reply_bytes)
-                if isinstance(out, SiteUpdate):
-                    out.node_key = self.node_keys.get(nid, "")
-                yield out
+                yield self._decode_reply(reply, site, r, down[site], folder,
+                                         self.max_reply_bytes, self.node_keys.get(nid, ""))
             else:  # a report carries no payload: nothing to read from the store
                 yield self._decode_report(reply, site, r, down[site])
 
@@ -219,11 +216,12 @@ class FlowerEngine:
 
     @staticmethod
     def _decode_reply(reply: Message, site: str, round_: int, bytes_down: int,
-                      folder: str = "", max_bytes: int = 0) -> SiteUpdate | SiteFailure:
+                      folder: str = "", max_bytes: int = 0, node_key: str = ""
+                      ) -> SiteUpdate | SiteFailure:
         """Site ``site``'s reply as an update whose header fields all have their types, or
         the reason it is refused: no reply, however made, raises here. Its payload is read
         only from ``folder`` (the store's folder of this site and round), at most
-        ``max_bytes``."""
+        ``max_bytes``; ``node_key`` is the key its node authenticated with."""
         try:
             text = str(reply.content.config_records["update"]["header"])
             head = parse_header(text)
@@ -233,7 +231,7 @@ class FlowerEngine:
             return SiteFailure(site, round_, f"undecodable reply: {e}")
         except Exception as e:  # noqa: BLE001 - no reply may stop the round
             return SiteFailure(site, round_, f"undecodable reply ({type(e).__name__}: {e})")
-        update.bytes_down = bytes_down
+        update.bytes_down, update.node_key = bytes_down, node_key
         update.bytes_up = len(blob) + len(text)
         return update
 

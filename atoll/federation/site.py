@@ -243,11 +243,7 @@ class Site:
             seconds=result.seconds, compute_seconds=result.compute_seconds,
             codec=parse_spec(spec.codec_up).spec, receipt=receipt,
             receipt_signature=sign_receipt(receipt, signer), signer=signer.public,
-            signer_binding=self.signer_binding())
-
-    def signer_binding(self) -> str:
-        """The node key's signature over the receipt key ("" without a node key)."""
-        return bind_signer(self.node_key, self.signer().public) if self.node_key else ""
+            signer_binding=bind_signer(self.node_key, signer.public) if self.node_key else "")
 
     def save(self, plan: RoundPlan, spec: RunSpec) -> None:
         """Save this process's state at the end of ``plan``'s round."""

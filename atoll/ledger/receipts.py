@@ -14,6 +14,7 @@ the update, before the update may count.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,10 @@ def _binding_text(signer: str) -> bytes:
     return f"atoll receipt signer v1: {signer}".encode()
 
 
+@functools.lru_cache(maxsize=8)
 def bind_signer(node_key: str | Path, signer: str) -> str:
     """The site's node key (its OpenSSH private key file) vouching for ``signer``: an ECDSA
-    signature, hex."""
+    signature, hex (made once per key pair: a site sends it with every update)."""
     key = serialization.load_ssh_private_key(Path(node_key).read_bytes(), None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{node_key}: not an ECDSA key (atoll keys makes one)")

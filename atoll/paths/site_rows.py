@@ -10,6 +10,7 @@ so a restart routes nothing again and a new router can never be mixed up with an
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Callable
 from pathlib import Path as FilePath
 
@@ -19,6 +20,7 @@ from atoll.data.reader import TokenDataset, allowed_mask
 from atoll.paths.grid import Path, PathsConfig
 from atoll.paths.router import Router, RouterConfig, prefix_features
 from atoll.util.atomic import write_atomic
+from atoll.util.hashing import tensors_digest
 
 ROUTE_BATCH = 4096
 """Rows routed at a time: a large split is never held whole as features."""
@@ -41,10 +43,9 @@ def sample_features(dataset: TokenDataset, cfg: RouterConfig, seed: int,
 
 def router_digest(router: Router) -> str:
     """A short name for a fitted router (its settings, weights and centroids)."""
-    h = hashlib.sha256(repr(sorted(router.cfg.__dict__.items())).encode())
-    for c in [router.idf, *router.centroids]:
-        h.update(c.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    tensors = {"idf": router.idf, **{f"level{i}": c for i, c in enumerate(router.centroids)}}
+    text = f"{sorted(router.cfg.__dict__.items())}|{tensors_digest(tensors)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def route_split(dataset: TokenDataset, router: Router, paths: PathsConfig,
@@ -62,8 +63,6 @@ def route_split(dataset: TokenDataset, router: Router, paths: PathsConfig,
         idx = np.arange(start, min(start + ROUTE_BATCH, len(dataset)))
         routes[idx] = [order[p] for p in router.route_rows(dataset.rows(idx))]
     if file is not None:
-        import io
-
         buf = io.BytesIO()
         np.save(buf, routes)
         write_atomic(file, buf.getvalue())
