@@ -186,3 +186,35 @@ def test_second_process_on_a_held_run_folder_writes_nothing(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_restarted_coordinator_ends_the_orphaned_serverapp_and_takes_the_lock(tmp_path):
+    """A coordinator killed outright can leave its ServerApp alive, holding the run folder:
+    the next start ends it (by the pid it wrote) instead of waiting on its lock, and leaves
+    alone a process that merely reuses the pid."""
+    from atoll.app.run_folder import RunFolder
+    from atoll.deploy.coordinator_host import SERVERAPP_PID, end_orphaned_serverapp
+
+    hold = ("import sys, time; from pathlib import Path; from atoll.app.run_folder import "
+            "lock_run_folder; h = lock_run_folder(Path(sys.argv[1])); print('held', flush=True);"
+            " time.sleep(120)")
+    pid_file = tmp_path / "flower" / SERVERAPP_PID
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    orphan = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path), "flwr-serverapp"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert orphan.stdout.readline().strip() == "held"
+        write_atomic(pid_file, str(stranger.pid).encode())
+        assert not end_orphaned_serverapp(pid_file, print)
+        assert stranger.poll() is None  # not Flower's ServerApp: left alone
+        write_atomic(pid_file, str(orphan.pid).encode())
+        lines: list[str] = []
+        assert end_orphaned_serverapp(pid_file, lines.append)
+        assert orphan.wait(timeout=10) != 0 and f"pid {orphan.pid}" in lines[0]
+        RunFolder(tmp_path, wait_s=0.2).release()  # the lock is free at once
+        write_atomic(pid_file, b"not a pid")
+        assert not end_orphaned_serverapp(pid_file, print)
+    finally:
+        for p in (stranger, orphan):
+            p.kill()
+            p.wait()

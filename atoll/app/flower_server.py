@@ -7,11 +7,15 @@ resolved ``config.toml``, the run folder and whether to resume.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+
+from atoll.deploy.coordinator_host import SERVERAPP_PID
+from atoll.util.atomic import write_atomic
 
 server_app = ServerApp()
 
@@ -27,6 +31,8 @@ def coordinator_main(grid: Grid, context: Context) -> None:
 
     rc = context.run_config
     out = Path(str(rc["out"]))
+    # a coordinator restarted after a crash ends this process if it outlived the SuperLink
+    write_atomic(out / "flower" / SERVERAPP_PID, str(os.getpid()).encode())
     cfg = load_run_config(str(rc["config"]), simulation=False)
     cfg.baseline.kinds = []  # the sites' data is not here: baselines are simulation-only
     progress = Progress(stream=sys.stdout, interval_s=0.0)

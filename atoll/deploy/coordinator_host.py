@@ -15,6 +15,8 @@ finds its sites again: they keep retrying and reconnect on their own.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +26,9 @@ from pathlib import Path
 from atoll.deploy import flower_cli as fc
 from atoll.deploy.keys import site_public_keys
 from atoll.util.atomic import write_atomic
+
+SERVERAPP_PID = "serverapp.pid"
+"""In ``<run>/flower/``: the pid of the run's ServerApp process, written as it starts."""
 
 
 @dataclass
@@ -70,6 +75,7 @@ class CoordinatorHost:
         """Start ``flower-superlink`` on loopback (TLS and SuperNode authentication unless
         insecure) and the fleet gate in front of it; wait until both listen."""
         o = self.opts
+        end_orphaned_serverapp(self.flower / SERVERAPP_PID, self.log)
         cmd = [fc.tool("flower-superlink"), "--disable-runtime-dependency-installation",
                "--database", str(self.flower / "superlink.db"),
                "--host", "127.0.0.1", "--port", str(self.superlink_port)]
@@ -200,6 +206,42 @@ def serve_coordinator(opts: CoordinatorOptions, config_path: Path,
         coord.stop()
     log(f"run {status}; report: {opts.out / 'report.html'}")
     return 0 if status == "finished:completed" else 1
+
+
+def end_orphaned_serverapp(pid_file: Path, log: Callable[[str], None],
+                           wait_s: float = 20.0) -> bool:
+    """End the ServerApp of an earlier start of this run if it is still alive.
+
+    A coordinator killed outright (power, OOM, SIGKILL) can leave Flower's ``flwr-serverapp``
+    process running: it holds the run folder's lock, and a resumed run would wait on it. Its
+    pid is in ``pid_file``; a process is only signalled if its command line is Flower's
+    ServerApp, so a reused pid is left alone. True when one was ended."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    if b"serverapp" not in cmdline:
+        return False
+    log(f"ending the ServerApp left by the last start (pid {pid})")
+    for sig, wait in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+                return True
+            time.sleep(0.2)
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
 
 
 def _hostname() -> str:
