@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from atoll.paths.grid import PathsConfig
 from atoll.util.atomic import replace_directory
 
 
@@ -68,13 +69,18 @@ class ModelConfig:
     """A local ``config.json`` or Hugging Face model directory to use instead of a preset."""
     pretrained: bool = False
     """With a model directory in ``path``: start from its weights instead of a fresh init."""
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    """Split the blocks into levels of modules, each site training one path of them
+    (DiPaCo, :mod:`atoll.paths`); empty: a dense model."""
 
     def check(self) -> None:
-        """Refuse an unknown preset, or pretrained weights without a model directory."""
+        """Refuse an unknown preset, pretrained weights without a model directory, or a grid
+        of paths that cannot be."""
         if not self.path and self.preset not in PRESETS:
             raise ValueError(f"unknown model preset '{self.preset}' (one of {', '.join(PRESETS)})")
         if self.pretrained and not self.path:
             raise ValueError("model.pretrained needs model.path (a model directory)")
+        self.paths.check()
 
     def hf_config(self, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
         """The Hugging Face config, with token ids taken from the tokenizer."""

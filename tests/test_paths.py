@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from atoll.app.paths_export import export_paths
 from atoll.data.reader import TokenDataset
 from atoll.federation.aggregate import WeightedMean
 from atoll.model import ModelConfig
 from atoll.paths.aggregate import ModuleMean
-from atoll.paths.export import export_paths
 from atoll.paths.grid import (
     SHARED,
     PathsConfig,
@@ -23,7 +23,7 @@ from atoll.paths.grid import (
     parse_path,
     path_name,
     path_weights,
-    to_modules,
+    to_grid,
 )
 from atoll.paths.router import Router, RouterConfig, prefix_features
 from atoll.tokenizer import encode_fast, load_tokenizer
@@ -67,10 +67,10 @@ def test_a_path_takes_its_own_module_at_each_level(tiny):
     grid[f"l1m1/{name}"] += 1.0  # tell level 1's modules apart
     assert torch.equal(path_weights(grid, (0, 1), GRID)[name], dense[name] + 1.0)
     assert torch.equal(path_weights(grid, (0, 0), GRID)[name], dense[name])
-    parts = to_modules(dense, (1, 0), GRID)
-    assert set(parts) == {SHARED, "l0m1", "l1m0"}
-    assert "l0m1/model.layers.1.self_attn.q_proj.weight" in parts["l0m1"]
-    assert f"l1m0/{name}" in parts["l1m0"]
+    keys = to_grid(dense, (1, 0), GRID)
+    assert {k.partition("/")[0] for k in keys} == {SHARED, "l0m1", "l1m0"}
+    assert "l0m1/model.layers.1.self_attn.q_proj.weight" in keys
+    assert f"l1m0/{name}" in keys
     assert parse_path(path_name((1, 0)), GRID) == (1, 0)
     with pytest.raises(ValueError, match="not a path of this grid"):
         parse_path("p2-0", GRID)
@@ -87,7 +87,7 @@ def test_a_shared_module_gets_the_token_weighted_mean_of_its_paths(tiny):
     dense = _dense(tiny)
     mean = ModuleMean(GRID, WeightedMean)
     for path, tokens, value in [((0, 0), 3, 1.0), ((0, 1), 1, 5.0), ((1, 1), 2, -2.0)]:
-        mean.add(_filled(dense, value), path, tokens)
+        mean.add(to_grid(_filled(dense, value), path, GRID), tokens)
     out = mean.result()
     want = {SHARED: 4 / 6, "l0m0": 2.0, "l0m1": -2.0, "l1m0": 1.0, "l1m1": 1 / 3}
     for key, t in out.items():
@@ -100,7 +100,7 @@ def test_a_module_no_path_touched_keeps_its_weights_and_momentum(tiny):
     grid = grid_from_dense(_dense(tiny), GRID)
     outer = OuterOptimizer(grid, OuterConfig(lr=0.7, momentum=0.9))
     mean = ModuleMean(GRID, WeightedMean)
-    mean.add(_filled(_dense(tiny), 0.5), (0, 0), 10)
+    mean.add(to_grid(_filled(_dense(tiny), 0.5), (0, 0), GRID), 10)
     before = {k: v.clone() for k, v in outer.weights.items()}
     assert outer.step(mean.result()) is None
     for key, w in outer.weights.items():
@@ -121,7 +121,7 @@ def test_a_one_by_one_grid_is_the_dense_model_bit_for_bit(tiny):
         for tokens in (96, 160, 32):
             delta = {k: torch.randn(v.shape, generator=gen) * 1e-2 for k, v in dense.items()}
             a.add(delta, tokens)
-            b.add(delta, (0,), tokens)
+            b.add(to_grid(delta, (0,), one), tokens)
         assert plain.step(a.result()) is None and grid.step(b.result()) is None
     assembled = path_weights(grid.weights, (0,), one)
     assert assembled.keys() == plain.weights.keys()
@@ -189,7 +189,7 @@ def test_routing_is_deterministic_and_saved_with_the_run(demo_data, tmp_path):
 
 def test_every_path_is_exported_as_a_model_and_a_prompt_finds_its_own(tiny, demo_data,
                                                                      tmp_path):
-    from atoll.paths.export import load_for_prompt
+    from atoll.app.paths_export import load_for_prompt
 
     grid = grid_from_dense(_dense(tiny), GRID)
     for key in grid:  # tell the modules apart

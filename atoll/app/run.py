@@ -17,6 +17,7 @@ import torch
 
 from atoll.app.books import Books
 from atoll.app.evaluation import eval_sets, evaluate
+from atoll.app.grid_run import build_coordinator
 from atoll.app.metrics import FEDERATION, MetricsLog, final_losses, mean_loss, read_metrics
 from atoll.app.model_card import write_model_card
 from atoll.app.progress import Progress
@@ -28,13 +29,11 @@ from atoll.app.trackers import Trackers
 from atoll.capacity.wire import data_parallel_bytes
 from atoll.config import save as save_config
 from atoll.config import to_dict
-from atoll.federation.coordinator import Coordinator
+from atoll.federation.engine import Engine
 from atoll.federation.evaluation import EvalOutcome, ask_sites, eval_requests
-from atoll.federation.outcome import RoundOutcome
-from atoll.federation.protocol import Engine
 from atoll.federation.rounds import RoundResult, run_round
 from atoll.ledger.credit import ValidationGradient
-from atoll.model import export
+from atoll.model import count_parameters, export
 from atoll.tokenizer import load_tokenizer
 from atoll.train.baselines import CentralisedBaseline
 from atoll.util.weights import load_weights
@@ -57,8 +56,9 @@ class Run:
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.model = cfg.model.build(self.tokenizer, seed=cfg.seed)
         init = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.coordinator = Coordinator(init, coordinator_config(
-            cfg, self.run_id, self.model.config.to_dict()))
+        self.coordinator, self.grid = build_coordinator(  # a grid of paths, or dense
+            init, coordinator_config(cfg, self.run_id, self.model.config.to_dict()),
+            cfg.model.paths, self.out, self.model, self.progress.log)
         self.eval_sets = eval_sets(cfg)
         self.books = self._open_books()
         self.baselines = [self._baseline(kind, init) for kind in cfg.baseline.kinds]
@@ -82,11 +82,12 @@ class Run:
         def probe_batches() -> list[torch.Tensor]:  # the sets as of the round (consent)
             return [b for batches in self.eval_sets.values()
                     for b in batches[: self.cfg.credit.batches]]
+        probe = ValidationGradient(self.model, probe_batches) if self.grid is None else \
+            (lambda weights: self.grid.gradient(weights, probe_batches()))
         books = Books(
             self.out, self.run_id, self.cfg.purpose,
             lambda: (self.coordinator.round + 1, self.coordinator.weights),
-            ValidationGradient(self.model, probe_batches) if probe_batches() else None,
-            self.cfg.federation.staleness_exponent)
+            probe if probe_batches() else None, self.cfg.federation.staleness_exponent)
         self.coordinator.audit, self.coordinator.ledger_head = books.audit, books.ledger.head
         books.start(self.cfg.name, hashlib.sha256(
             (self.out / "config.toml").read_bytes()).hexdigest())
@@ -106,9 +107,11 @@ class Run:
         rounds = self.cfg.federation.rounds
         self._engine = engine
         if self.coordinator.round == 0:
+            self._know_sites(engine)  # a grid's router first: round 0 is evaluated with it
             self._after_round(0, None, 0.0)
         while self.coordinator.round < rounds:
             start = time.perf_counter()
+            self._know_sites(engine)
             result = run_round(self.coordinator, engine, self.status.round_started,
                                self.status.reported)
             self._record_replies(result)
@@ -116,6 +119,13 @@ class Run:
             r = result.outcome.round
             if r % self.cfg.checkpoint.every == 0 or r == rounds:
                 self.checkpoint()
+
+    def _know_sites(self, engine: Engine) -> None:
+        """A grid: the features of each site not seen before (the router is fitted on the
+        first ones)."""
+        if self.grid is not None:
+            self.grid.know_sites(engine, engine.available_sites(),
+                                 self.cfg.federation.deadline_s)
 
     def _record_replies(self, result: RoundResult) -> None:
         """The ledger's entries for the round, and a metrics record per site."""
@@ -162,7 +172,10 @@ class Run:
             "delta": self.cfg.privacy.delta if out and out.epsilon is not None else None,
             "bytes_up": sum(u.bytes_up for u in result.replies) if result else 0,
             "bytes_down": sum(u.bytes_down for u in result.replies) if result else 0,
-            "dp_bytes": self._data_parallel_bytes(out),
+            # an fp32 all-reduce among the round's sites after every step: the yardstick of
+            # the federation's bytes in the summary and the report (one path of a grid)
+            "dp_bytes": data_parallel_bytes(count_parameters(self.model), len(out.planned),
+                                            out.steps) if out else 0.0,
             "seconds": seconds, "ended": time.time()}
         if asked is not None:  # evaluated by the sites
             record.update(val_tokens=asked.tokens, eval_refused=asked.refused,
@@ -177,15 +190,6 @@ class Run:
         if fed_val:
             line += f"  val {mean_loss(fed_val):.3f}"
         return line
-
-    def _data_parallel_bytes(self, out: RoundOutcome | None) -> float:
-        """What data-parallel training would have put on the wire for the round's steps:
-        an fp32 all-reduce among the round's sites after every step (the yardstick of the
-        federation's bytes in the summary and the report)."""
-        if out is None:
-            return 0.0
-        params = sum(t.numel() for t in self.coordinator.weights.values())
-        return data_parallel_bytes(params, len(out.planned), out.steps)
 
     def _advance_baselines(self, r: int, due: bool) -> str:
         """Train each baseline up to the federation's tokens and log it; its console part."""
@@ -222,7 +226,10 @@ class Run:
         return val, asked
 
     def evaluate(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Validation loss per domain of ``weights`` (loaded into the run's model)."""
+        """Validation loss per domain of ``weights`` (loaded into the run's model; a grid's
+        path by path, each row on its own)."""
+        if self.grid is not None:
+            return self.grid.evaluate(weights, self.eval_sets)
         load_weights(self.model, weights)
         return evaluate(self.model, self.eval_sets)
 
@@ -235,19 +242,15 @@ class Run:
                                  "bytes_down": self.bytes_down}}
         parts |= {f"baseline-{b.kind}": b.state_dict() for b in self.baselines}
         path = self.folder.save_checkpoint(r, parts, self.cfg.checkpoint.keep)
-        self.coordinator.checkpointed = floor = self._restart_floor()
+        self.coordinator.checkpointed = floor = (self.checkpoints() or [0])[0]
         if self._engine is not None:  # no restart needs them, nor a late update
             self._engine.release(min(floor + 1, r + 1 - self.cfg.federation.max_staleness))
         return path
 
-    def _restart_floor(self) -> int:
-        """The oldest round a restart may go back to: a damaged newest checkpoint is passed
-        over for an older one, so sites keep the state to repeat rounds from there."""
-        kept = self.checkpoints()
-        return kept[0] if kept else 0
-
     def checkpoints(self) -> list[int]:
-        """The rounds that have a checkpoint, oldest first."""
+        """The rounds that have a checkpoint, oldest first. A restart may go back to the
+        first (a damaged newest checkpoint is passed over for an older one), so sites keep
+        the state to repeat rounds from there."""
         return self.folder.checkpoints.rounds()
 
     def _resume(self) -> None:
@@ -259,7 +262,7 @@ class Run:
             return
         state = parts["coordinator"]
         self.coordinator.load_state_dict(state)
-        self.coordinator.checkpointed = min(self._restart_floor(), self.coordinator.round)
+        self.coordinator.checkpointed = min((self.checkpoints() or [0])[0], self.coordinator.round)
         self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
         for b in self.baselines:
             b.load_state_dict(parts[f"baseline-{b.kind}"])
@@ -274,10 +277,14 @@ class Run:
     # -- the end -----------------------------------------------------------------------------
 
     def finish(self) -> Path:
-        """Export the global model in Hugging Face format to ``out/model``."""
-        load_weights(self.model, self.coordinator.weights)
-        path = export(self.model, self.tokenizer, self.out / "model")
-        write_model_card(self.out, path)
+        """Export the global model in Hugging Face format to ``out/model`` (a grid: every
+        path, and the router)."""
+        if self.grid is not None:
+            path = self.grid.export(self.coordinator.weights, self.tokenizer, self.out / "model")
+        else:
+            load_weights(self.model, self.coordinator.weights)
+            path = export(self.model, self.tokenizer, self.out / "model")
+            write_model_card(self.out, path)
         self.status.finished()
         return path
 

@@ -215,6 +215,10 @@ class RunConfig:
         if self.comm.down.delta and (f.fragments > 1 or f.overlap_steps):
             raise ValueError("comm.down.delta does not combine with streaming sync "
                              "(federation.fragments / overlap_steps): fragments are sent whole")
+        if self.model.paths.enabled:
+            from atoll.app.grid_run import check_paths_combine
+
+            check_paths_combine(self)
         if self.sites and self.federation.sites_per_round > len(self.sites):
             raise ValueError(f"federation.sites_per_round={self.federation.sites_per_round} > "
                              f"{len(self.sites)} sites")

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from atoll.cli import contrib, deploy, local, plan
+from atoll.cli import contrib, deploy, generate, local, plan
 from atoll.cli.fail import fail
 from atoll.config import ConfigError
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_parsers(sub)
     contrib.add_parsers(sub)
     plan.add_parser(sub)
+    generate.add_parser(sub)
     return p
 
 

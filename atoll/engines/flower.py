@@ -17,43 +17,36 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from atoll.engines.transport import object_folder, pack, plain_name, unpack
-from atoll.federation.evaluation import checked_report
+from atoll.engines.flower_messages import decode_reply, decode_report, plan_message
+from atoll.engines.transport import object_folder, pack, plain_name
+from atoll.federation.features import FeatureReport, FeatureRequest, checked_features
 from atoll.federation.protocol import (
     EvalReport,
     EvalRequest,
     RoundPlan,
     SiteFailure,
     SiteUpdate,
-    WireError,
     header,
     tensor_bytes,
+    tensors,
 )
-from atoll.federation.wire_checks import checked_update, parse_header
+from atoll.federation.wire_checks import checked_update
 
 HELLO = "query.hello"
 TRAIN = "train"
 EVALUATE = "evaluate"
-
-
-def plan_message(payload: RecordDict, plan: RoundPlan | EvalRequest, store: str
-                 ) -> RecordDict:
-    """A site's train (or evaluate) message: the shared weights payload plus this site's
-    plan header."""
-    content = RecordDict({"plan": ConfigRecord({"header": json.dumps(header(plan)),
-                                                "store": store})})
-    for name, rec in payload.array_records.items():
-        content[name] = rec
-    content["meta"] = payload.config_records["meta"]
-    return content
+FEATURES = "query.features"
+FOLDER_OF = {TRAIN: "round", EVALUATE: "eval", FEATURES: "features"}
+"""The store folder of each message type's objects (:func:`object_folder`)."""
 
 
 class FlowerEngine:
-    """:class:`~atoll.federation.protocol.Engine` over a Flower ``Grid``."""
+    """:class:`~atoll.federation.engine.Engine` over a Flower ``Grid``."""
 
     def __init__(self, grid: Grid, *, store: str = "", min_sites: int = 1,
                  allowed: set[str] | None = None, poll_s: float = 0.2,
@@ -169,8 +162,14 @@ class FlowerEngine:
         type); yield reports as they come, failures as :meth:`exchange` does."""
         yield from self._deliver(requests, EVALUATE, deadline_s)
 
-    def _deliver(self, plans: dict[str, RoundPlan] | dict[str, EvalRequest], kind: str,
-                 deadline_s: float) -> Iterator[SiteUpdate | EvalReport | SiteFailure]:
+    def sample_features(self, requests: dict[str, FeatureRequest], deadline_s: float = 0.0
+                        ) -> Iterator[FeatureReport | SiteFailure]:
+        """Push each connected site its feature request (``query.features``); yield the
+        reports (their features read from the store like an update) and failures."""
+        yield from self._deliver(requests, FEATURES, deadline_s)
+
+    def _deliver(self, plans: dict[str, Any], kind: str, deadline_s: float
+                 ) -> Iterator[SiteUpdate | EvalReport | FeatureReport | SiteFailure]:
         if not plans:
             return
         payloads = self._payloads(plans, kind)
@@ -194,63 +193,29 @@ class FlowerEngine:
             elif reply.has_error():
                 yield SiteFailure(site, r, f"Flower error {reply.error.code}: "
                                            f"{reply.error.reason}")
-            elif kind == TRAIN:
-                yield self._decode_reply(reply, site, r, down[site], folder,
-                                         self.max_reply_bytes, self.node_keys.get(nid, ""))
+            elif kind != EVALUATE:
+                yield decode_reply(reply, site, r, down[site], folder,
+                                         self.max_reply_bytes, self.node_keys.get(nid, ""),
+                                         checked_features if kind == FEATURES else
+                                         checked_update)
             else:  # a report carries no payload: nothing to read from the store
-                yield self._decode_report(reply, site, r, down[site])
+                yield decode_report(reply, site, r, down[site])
 
-    @staticmethod
-    def _decode_report(reply: Message, site: str, round_: int, bytes_down: int
-                       ) -> EvalReport | SiteFailure:
-        """Site ``site``'s evaluation report, each field checked, or why it is refused."""
-        try:
-            text = str(reply.content.config_records["update"]["header"])
-            report = checked_report(parse_header(text), sender=site)
-        except WireError as e:
-            return SiteFailure(site, round_, f"undecodable report: {e}")
-        except Exception as e:  # noqa: BLE001 - no reply may stop the round
-            return SiteFailure(site, round_, f"undecodable report ({type(e).__name__}: {e})")
-        report.bytes_down, report.bytes_up = bytes_down, len(text)
-        return report
-
-    @staticmethod
-    def _decode_reply(reply: Message, site: str, round_: int, bytes_down: int,
-                      folder: str = "", max_bytes: int = 0, node_key: str = ""
-                      ) -> SiteUpdate | SiteFailure:
-        """Site ``site``'s reply as an update whose header fields all have their types, or
-        the reason it is refused: no reply, however made, raises here. Its payload is read
-        only from ``folder`` (the store's folder of this site and round), at most
-        ``max_bytes``; ``node_key`` is the key its node authenticated with."""
-        try:
-            text = str(reply.content.config_records["update"]["header"])
-            head = parse_header(text)
-            blob = unpack(reply.content, folder, max_bytes)
-            update = checked_update(head, blob, sender=site)
-        except WireError as e:
-            return SiteFailure(site, round_, f"undecodable reply: {e}")
-        except Exception as e:  # noqa: BLE001 - no reply may stop the round
-            return SiteFailure(site, round_, f"undecodable reply ({type(e).__name__}: {e})")
-        update.bytes_down, update.node_key = bytes_down, node_key
-        update.bytes_up = len(blob) + len(text)
-        return update
-
-    def _payloads(self, plans: dict[str, RoundPlan] | dict[str, EvalRequest], kind: str
-                  ) -> dict[str, tuple[RecordDict, int]]:
+    def _payloads(self, plans: dict[str, Any], kind: str) -> dict[str, tuple[RecordDict, int]]:
         """Each site's weights payload and its size. Sites whose plans share one payload
         (the same weights, the same change) share one serialized copy; every other site gets
         exactly its own."""
         packed: dict[int, tuple[RecordDict, int]] = {}
         out = {}
         for site, plan in plans.items():
-            if id(plan.weights) not in packed:
-                blob = tensor_bytes(plan.weights)
+            weights = tensors(plan)
+            if id(weights) not in packed:
+                blob = tensor_bytes(weights)
                 n = len(packed)
                 name = "global" if n == 0 else f"global-{n}"
                 folder = self._folder(plan.run_id, "coordinator", kind, plan.round)
-                packed[id(plan.weights)] = (pack(blob, folder, f"{name}.safetensors"),
-                                            len(blob))
-            out[site] = packed[id(plan.weights)]
+                packed[id(weights)] = (pack(blob, folder, f"{name}.safetensors"), len(blob))
+            out[site] = packed[id(weights)]
         return out
 
     def _folder(self, run_id: str, writer: str, kind: str, round_: int) -> str:
@@ -258,8 +223,7 @@ class FlowerEngine:
         no store), remembered so that :meth:`release` can delete it."""
         if not self.store:
             return ""
-        folder = object_folder(self.store, run_id, writer, "round" if kind == TRAIN
-                               else "eval", round_)
+        folder = object_folder(self.store, run_id, writer, FOLDER_OF[kind], round_)
         self._folders.setdefault(round_, set()).add(folder)
         return folder
 

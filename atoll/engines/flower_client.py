@@ -31,6 +31,12 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": site}), reply_to=msg)
 
 
+@client_app.query("features")
+def site_features(msg: Message, context: Context) -> Message:
+    """Features of a sample of the site's rows, for fitting a grid's router."""
+    return _answer(msg, context, "features")
+
+
 @client_app.train()
 def site_main(msg: Message, context: Context) -> Message:
     """One round at a site: plan bytes in, update bytes out."""
@@ -49,7 +55,7 @@ def _answer(msg: Message, context: Context, suffix: str) -> Message:
     rec = msg.content.config_records["plan"]
     store = str(rec["store"])
     head = json.loads(str(rec["header"]))
-    kind = "round" if suffix == "update" else "eval"
+    kind = {"update": "round", "eval": "eval", "features": "features"}[suffix]
     r = int(head["round"])
     blob = unpack(msg.content, object_folder(store, str(head["run_id"]), "coordinator", kind, r)
                   if store else "")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from atoll.federation.evaluation import checked_report
+from atoll.federation.features import FeatureReport, FeatureRequest, checked_features
 from atoll.federation.protocol import (
     EvalReport,
     EvalRequest,
@@ -30,6 +31,7 @@ from atoll.federation.protocol import (
     WireError,
     header,
     tensor_bytes,
+    tensors,
 )
 from atoll.federation.site import Site
 from atoll.federation.wire_checks import checked_update, parse_header
@@ -57,7 +59,7 @@ class LocalEngine:
                   ) -> SiteUpdate | EvalReport | SiteFailure:
         """What a site's machine does with a plan (or an evaluation request): the wire form
         in, the wire form out, checked as the coordinator checks every reply."""
-        head, blob = json.dumps(header(plan)), tensor_bytes(plan.weights)
+        head, blob = json.dumps(header(plan)), tensor_bytes(tensors(plan))
         callback = None
         if self.on_step is not None and isinstance(plan, RoundPlan):
             def callback(step: int, loss: float) -> None:
@@ -67,6 +69,8 @@ class LocalEngine:
             up_head = json.dumps(up_head)
             if isinstance(plan, EvalRequest):
                 reply = checked_report(parse_header(up_head), sender=name)
+            elif isinstance(plan, FeatureRequest):
+                reply = checked_features(parse_header(up_head), up_blob, sender=name)
             else:
                 reply = checked_update(parse_header(up_head), up_blob, sender=name)
         except WireError as e:
@@ -81,6 +85,12 @@ class LocalEngine:
                  ) -> Iterator[EvalReport | SiteFailure]:
         """Each requested site evaluates, one after another (a few forward passes each;
         sites still training a late round are never asked: see :meth:`available_sites`)."""
+        for name, request in requests.items():
+            yield self._run_site(name, request)
+
+    def sample_features(self, requests: dict[str, FeatureRequest], deadline_s: float = 0.0
+                        ) -> Iterator[FeatureReport | SiteFailure]:
+        """Each requested site sends its feature sample, one after another."""
         for name, request in requests.items():
             yield self._run_site(name, request)
 

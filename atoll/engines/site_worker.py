@@ -130,7 +130,7 @@ class SiteWorker:
             try:
                 head = json.loads(conn.recv_bytes())
                 blob = conn.recv_bytes()
-                if head.get("type") == "EvalRequest":
+                if head.get("type") in ("EvalRequest", "FeatureRequest"):
                     with self._eval_lock:
                         reply, out = self.site.answer(head, blob)
                 else:

@@ -11,6 +11,11 @@ from collections.abc import Mapping
 
 import torch
 
+from atoll.federation.privacy import PrivacyConfig, PrivateMean
+from atoll.federation.robust import AggregationConfig, RobustAggregate
+from atoll.paths.aggregate import ModuleMean
+from atoll.paths.grid import PathsConfig
+
 
 class WeightedMean:
     """sum_i w_i * delta_i / sum_i w_i, accumulated one update at a time.
@@ -54,3 +59,20 @@ class WeightedMean:
                 v.div_(self.total_weight)
             self._divided = True
         return self._sum
+
+
+Aggregate = WeightedMean | RobustAggregate | PrivateMean | ModuleMean
+
+
+def round_aggregate(privacy: PrivacyConfig, rule: AggregationConfig, planned: int,
+                    round_: int, paths: PathsConfig | None = None) -> Aggregate:
+    """Where a round's updates are combined: the token-weighted mean, a robust rule, or
+    (with differential privacy) a clipped, noised sum; with a grid of paths, the mean or the
+    robust rule module by module."""
+    if privacy.enabled:
+        return PrivateMean(privacy, planned, round_)
+
+    def one() -> WeightedMean | RobustAggregate:
+        return WeightedMean() if rule.rule == "mean" else RobustAggregate(rule)
+
+    return one() if paths is None else ModuleMean(paths, one)

@@ -9,26 +9,29 @@ valid arrived leaves the global weights untouched.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from atoll.federation.aggregate import WeightedMean
+from atoll.federation.aggregate import Aggregate, round_aggregate
 from atoll.federation.checks import UpdateGuard, check_delta, check_header
 from atoll.federation.codecs import Decoded, parse_spec, round_seed
+from atoll.federation.coordinator_state import checkpoint_state, restore_checkpoint
 from atoll.federation.downlink import Downlink
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.outcome import OnTimeTally, RoundOutcome
 from atoll.federation.planning import Planner
-from atoll.federation.privacy import PrivacyBudget, PrivateMean
+from atoll.federation.privacy import PrivacyBudget
 from atoll.federation.protocol import RoundPlan, SiteUpdate, header
-from atoll.federation.robust import RobustAggregate
 from atoll.federation.settings import CoordinatorConfig
 from atoll.federation.wire_checks import ReplyBounds, check_against_plan, check_fields
+from atoll.paths.assignment import PathAssignment, paths_spec
 from atoll.train.outer import OuterOptimizer
 from atoll.util.errors import WireError
 from atoll.util.hashing import tensors_digest
+from atoll.util.views import Renamed
 
 MAX_WEIGHTED_NORM = 1e30
 """An update whose weight (tokens) times L2 norm exceeds this is refused: honest ones are
@@ -59,6 +62,7 @@ class Coordinator:
         self.shapes = {n: (w.shape, w.dtype) for n, w in self.outer.weights.items()}
         self.groups = split_fragments(self.outer.weights, cfg.federation.fragments)
         self.planner = Planner(self.spec, cfg.down, self.groups)
+        self.paths: PathAssignment | None = None  # a grid of paths: see use_paths()
         self._delivered: set[str] = set()  # sites whose update for the last round counted
         self._spec_holders: set[str] = set()  # sites known to hold self.spec
         self.round = 0  # last closed round
@@ -67,7 +71,7 @@ class Coordinator:
         self.step = 0  # schedule position at the start of the next round
         self.tokens = 0  # tokens trained into the global weights so far
         self._planned: list[str] = []
-        self._mean: WeightedMean | RobustAggregate | PrivateMean | None = None
+        self._mean: Aggregate | None = None
         self._outcome: RoundOutcome | None = None
         self._on_time = OnTimeTally()
         self._missed: dict[int, set[str]] = {}  # round -> planned sites that did not deliver
@@ -82,9 +86,19 @@ class Coordinator:
         """With ``comm.down.delta``: the coordinator's copy of the weights the sites hold."""
         return self.planner.downlink
 
+    def use_paths(self, paths: PathAssignment) -> None:
+        """Train the weights (keyed by grid keys) as a grid of paths: each site is sent, and
+        answers for, the path ``paths`` gives it in a round; the spec carries the router."""
+        self.paths = paths
+        self.spec = self.planner.spec = dataclasses.replace(
+            self.spec, paths=paths_spec(paths.cfg, paths.router))
+
     def select(self, available: list[str]) -> list[str]:
-        """The sites that train in the next round: all, or a seeded sample of k."""
+        """The sites that train in the next round: all (with a grid: all of whose data
+        something is known), or a seeded sample of k."""
         sites = sorted(available)
+        if self.paths is not None:
+            sites = [s for s in sites if self.paths.path_of(s, self.round + 1)]
         k = self.cfg.federation.sites_per_round
         self._sample_rate = k / len(sites) if k and k < len(sites) else 1.0
         if k and k < len(sites):
@@ -96,26 +110,19 @@ class Coordinator:
         """Start round ``self.round + 1`` with ``sites``; one plan per site."""
         r = self.round + 1
         self._planned = list(sites)
-        self._mean = self._aggregate(len(sites))
+        self._mean = round_aggregate(self.cfg.privacy, self.cfg.aggregation, len(sites),
+                                     r, self.paths.cfg if self.paths else None)
         self._outcome = RoundOutcome(round=r, planned=list(sites))
         self._on_time = OnTimeTally()
         f = self.cfg.federation
         plans = self.planner.plans(
             r, sites, self.weights, step=self.step, steps=f.steps_per_round,
             time_budget_s=f.time_budget_s, delivered=self._delivered,
-            spec_holders=self._spec_holders, keep_since=self.checkpointed)
+            spec_holders=self._spec_holders, keep_since=self.checkpointed,
+            paths=self.paths)
         for plan in plans.values():  # the history so far, signed: the sites keep it
             plan.ledger_head = self.ledger_head() if self.ledger_head else None
         return plans
-
-    def _aggregate(self, planned: int) -> WeightedMean | RobustAggregate | PrivateMean:
-        """Where the round's updates are combined: the token-weighted mean, a robust rule,
-        or (with differential privacy) a clipped, noised sum."""
-        if self.cfg.privacy.enabled:
-            return PrivateMean(self.cfg.privacy, planned, self.round + 1)
-        if self.cfg.aggregation.rule == "mean":
-            return WeightedMean()
-        return RobustAggregate(self.cfg.aggregation)
 
     def accept(self, update: SiteUpdate) -> str | None:
         """Check ``update`` and fold it into the round; returns the rejection reason, if any.
@@ -200,11 +207,15 @@ class Coordinator:
         it once more: a decoded tensor at a time, never the whole update."""
         if reason is not None:
             return None, reason
-        shapes = {n: self.shapes[n] for n in self._synced(update.round)}
+        names = self._sent_names(update.site, update.round)
+        if names is None:
+            return None, "no path was planned for this site"
+        shapes = {n: self.shapes[k] for n, k in names.items()}
         try:
-            delta = Decoded(update.delta, {n: s for n, (s, _) in shapes.items()},
-                            parse_spec(update.codec), round_seed(self.run_id, update.round))
-            reason, norm = check_delta(delta, shapes)
+            delta = Renamed(Decoded(update.delta, {n: s for n, (s, _) in shapes.items()},
+                                    parse_spec(update.codec),
+                                    round_seed(self.run_id, update.round)), names)
+            reason, norm = check_delta(delta, {names[n]: s for n, s in shapes.items()})
         except WireError as e:
             return None, f"undecodable update: {e}"
         if reason is None and weight * norm > MAX_WEIGHTED_NORM:
@@ -223,9 +234,14 @@ class Coordinator:
         self._outcome.norms[update.site] = norm
         return delta, None
 
-    def _synced(self, round_: int) -> list[str]:
-        """The tensors synced in ``round_`` (all of them unless streaming)."""
-        return self.groups[fragment_of_round(round_, self.spec.fragments)]
+    def _sent_names(self, site: str, round_: int) -> dict[str, str] | None:
+        """The tensors of ``site``'s update for ``round_``, as it names them -> their keys
+        in the weights: all, one fragment (streaming), or a path's (named as the base
+        model's; None when no path was planned)."""
+        if self.paths is None:
+            return {n: n for n in self.groups[fragment_of_round(round_, self.spec.fragments)]}
+        path = self.paths.path_of(site, round_)
+        return None if path is None else self.paths.names(path)
 
     def reject(self, site: str, reason: str) -> None:
         """Record that ``site`` failed this round (crash, timeout, undecodable reply)."""
@@ -266,31 +282,8 @@ class Coordinator:
 
     def state_dict(self) -> dict:
         """Everything a restarted coordinator needs to go on exactly (a checkpoint)."""
-        missed = {str(r): sorted(s) for r, s in self._missed.items()}
-        state = {"run_id": self.run_id, "round": self.round, "step": self.step,
-                 "tokens": self.tokens, "delivered": sorted(self._delivered), "missed": missed,
-                 "weights": dict(self.weights), "outer": self.outer.state_dict(),
-                 "spec_id": self.spec.spec_id, "spec_holders": sorted(self._spec_holders)}
-        return state | self.planner.downlink.state_dict() | {
-            "guard": self.guard.state_dict()} | self.budget.state_dict()
+        return checkpoint_state(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Go back to a checkpoint made by :meth:`state_dict`."""
-        if state["run_id"] != self.run_id:
-            raise ValueError(f"checkpoint is of run {state['run_id']!r}, not {self.run_id!r}")
-        with torch.no_grad():
-            for n, w in self.weights.items():
-                w.copy_(state["weights"][n])
-        self.outer.load_state_dict(state["outer"])
-        self.round = int(state["round"])
-        self.step = int(state["step"])
-        self.tokens = int(state["tokens"])
-        self._missed = {int(r): set(s) for r, s in state.get("missed", {}).items()}
-        self._delivered = set(state.get("delivered", []))
-        self.guard.load_state_dict(state.get("guard", {}))
-        self.budget.load_state_dict(state)
-        self.planner.downlink.load_state_dict(state)
-        # sites keep the spec on disk; a changed spec (a resumed run with new settings) goes
-        # out again to everyone
-        same_spec = state.get("spec_id") == self.spec.spec_id
-        self._spec_holders = set(state.get("spec_holders", [])) if same_spec else set()
+        restore_checkpoint(self, state)

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from atoll.federation.engine import Engine
 from atoll.federation.protocol import (
     WIRE_VERSION,
-    Engine,
     EvalReport,
     EvalRequest,
     SiteFailure,

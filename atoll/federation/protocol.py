@@ -7,7 +7,8 @@ pseudo-gradient and what it cost). On the wire each is one safetensors blob whos
 holds the non-tensor fields as JSON, so a message is self-describing and its size is the real
 number of bytes that crosses the network.
 
-Engines implement :class:`Engine`; the coordinator and the site never see how messages move.
+Engines implement :class:`~atoll.federation.engine.Engine`; the coordinator and the site
+never see how messages move.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -63,6 +63,9 @@ class RunSpec:
     """After overlap: ``local = alpha * local + (1 - alpha) * global``."""
     keep_weights: bool = False
     """Delta downlink: keep the received weights, the next plans send changes against them."""
+    paths: dict[str, Any] = field(default_factory=dict)
+    """A grid of paths (:func:`atoll.paths.spec.paths_spec`: its levels and the fitted
+    router, by which a site routes its rows); empty for a dense model."""
 
     @property
     def spec_id(self) -> str:
@@ -76,7 +79,7 @@ class RunSpec:
         site state is reused only under the same key (a resumed run that only extends its
         schedule keeps it)."""
         parts = [self.run_id, self.model_config, self.inner, self.seq_len, self.seed,
-                 self.codec_up]
+                 self.codec_up] + ([self.paths] if self.paths else [])
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()
                               ).hexdigest()
 
@@ -115,6 +118,9 @@ class RoundPlan:
     so the site keeps the state it would need to repeat them."""
     spec: RunSpec | None = None
     """The run spec itself, for a site that may not hold it yet."""
+    path: str = ""
+    """With a grid of paths: the path (``p0-1``) whose weights these are and that the site
+    trains this round, on the rows routed to it."""
     ledger_head: dict[str, Any] | None = None
     """The coordinator's signed ledger head as the round starts (:mod:`atoll.ledger.heads`:
     the site keeps it as evidence of the history)."""
@@ -199,8 +205,18 @@ class SiteFailure:
     reason: str
 
 
-_TENSOR_FIELD = {RoundPlan: "weights", SiteUpdate: "delta", EvalRequest: "weights"}
-Message = RoundPlan | SiteUpdate | EvalRequest | EvalReport
+_TENSOR_FIELD: dict[type, str | None] = {RoundPlan: "weights", SiteUpdate: "delta",
+                                          EvalRequest: "weights", EvalReport: None}
+Message = Any  # a RoundPlan, SiteUpdate, EvalRequest, EvalReport or a registered message
+
+
+def carries(tensor_field: str | None) -> Any:
+    """Class decorator: a message type defined elsewhere (:mod:`atoll.federation.features`),
+    whose ``tensor_field`` (None: no tensors) travels as the safetensors payload."""
+    def register(cls: type) -> type:
+        _TENSOR_FIELD[cls] = tensor_field
+        return cls
+    return register
 
 
 _NOT_SENT = {"node_key"}
@@ -253,7 +269,8 @@ def from_parts(head: dict[str, Any], blob: bytes, expect: type) -> Any:
     head = dict(head)
     if head.pop("v", None) != WIRE_VERSION or head.pop("type", None) != expect.__name__:
         raise WireError(f"expected a {expect.__name__} (wire v{WIRE_VERSION})")
-    head[_TENSOR_FIELD[expect]] = named
+    if _TENSOR_FIELD.get(expect):
+        head[_TENSOR_FIELD[expect]] = named
     try:
         if isinstance(head.get("spec"), dict):
             head["spec"] = RunSpec(**head["spec"])
@@ -268,29 +285,3 @@ def _metadata(blob: bytes) -> dict[str, str]:
     if n <= 0 or n > len(blob) - 8:
         raise ValueError("truncated header")
     return json.loads(blob[8 : 8 + n])["__metadata__"]
-
-
-class Engine(Protocol):
-    """Moves plans to sites and updates back. Knows nothing about training."""
-
-    def available_sites(self) -> list[str]:
-        """Sites that can take a plan now."""
-        ...
-
-    def exchange(self, plans: dict[str, RoundPlan], deadline_s: float
-                 ) -> Iterator[SiteUpdate | SiteFailure]:
-        """Deliver ``plans`` and yield each site's reply as it arrives, until all replied or
-        ``deadline_s`` seconds passed (0 = no deadline); a site that did not answer by then
-        is reported as a :class:`SiteFailure`."""
-        ...
-
-    def evaluate(self, requests: dict[str, EvalRequest], deadline_s: float
-                 ) -> Iterator[EvalReport | SiteFailure]:
-        """Deliver evaluation requests and yield each site's report as it arrives, like
-        :meth:`exchange` (no training update is ever yielded here)."""
-        ...
-
-    def release(self, before_round: int) -> None:
-        """Rounds before ``before_round`` will not be sent or answered again: drop whatever
-        the engine keeps for them (objects in a store)."""
-        ...

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from atoll.federation.coordinator import Coordinator, RoundOutcome
-from atoll.federation.protocol import Engine, SiteFailure, SiteUpdate
+from atoll.federation.engine import Engine
+from atoll.federation.protocol import SiteFailure, SiteUpdate
 
 
 @dataclass

@@ -26,7 +26,6 @@ signs and answers.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from atoll.consent.pool import allowed_sources
 from atoll.federation.codecs import decode, encode, parse_spec, round_seed
 from atoll.federation.evaluation import SiteEvaluator
+from atoll.federation.features import FeatureRequest, answer_features
 from atoll.federation.protocol import (
     EvalRequest,
     RoundPlan,
@@ -45,13 +45,14 @@ from atoll.federation.protocol import (
     header,
     tensor_bytes,
 )
+from atoll.federation.site_paths import PathStates
 from atoll.federation.site_state import SiteState, data_seed
 from atoll.ledger.heads import remember_head
 from atoll.ledger.receipts import bind_signer, build_receipt, sign_receipt
 from atoll.ledger.signing import Signer
 from atoll.train.device import resolve_device, to_host
 from atoll.train.distributed import Parallel, local_device
-from atoll.train.inner import TrainResult
+from atoll.train.inner import TrainResult, paced
 from atoll.util.errors import WireError
 
 __all__ = ["Site", "data_seed"]
@@ -72,8 +73,11 @@ class Site:
         self.state_dir = Path(state_dir)
         # this machine's (auto, cpu, cuda, cuda:N); with several processes, one GPU each
         self.device = local_device(resolve_device(device))
-        self.state = SiteState(name, self.data_dir, self.parallel.state_dir(self.state_dir),
-                               self.device, self.parallel)
+        self.home = SiteState(name, self.data_dir, self.parallel.state_dir(self.state_dir),
+                              self.device, self.parallel)
+        self.state = self.home  # what trains this round: home, or a path's (grid of paths)
+        self.paths = PathStates(name, self.data_dir, self.state_dir, self.device,
+                                self.parallel)
         # trained between rounds: (after round, results, the sources consent allowed then)
         self._ahead: tuple[int, list[TrainResult], set[int] | None] | None = None
         self._allowed: set[int] | None = None  # sources consent lets this round read
@@ -94,7 +98,7 @@ class Site:
         none for a site of several processes (they train the overlap on receipt, together)."""
         if self.parallel.world > 1:
             return 0
-        return self.state.spec.overlap_steps if self.state.spec else 0
+        return self.home.spec.overlap_steps if self.home.spec else 0
 
     def answer(self, head: dict[str, Any], blob: bytes,
                on_step: StepCallback | None = None) -> tuple[dict[str, Any], bytes]:
@@ -103,6 +107,9 @@ class Site:
         An evaluation request is answered with its report (:mod:`atoll.federation.evaluation`)."""
         if head.get("type") == EvalRequest.__name__:
             return self.evaluator.answer(from_parts(head, blob, EvalRequest))
+        if head.get("type") == FeatureRequest.__name__:
+            return answer_features(self.name, self.data_dir,
+                                   from_parts(head, blob, FeatureRequest))
         plan = from_parts(head, blob, RoundPlan)
         if plan.site != self.name:
             raise WireError(f"plan addressed to site {plan.site!r} reached site {self.name!r}")
@@ -114,11 +121,12 @@ class Site:
     def run(self, plan: RoundPlan, on_step: StepCallback | None = None) -> SiteUpdate | None:
         """One round: receive -> train -> pseudo-gradient -> encode -> sign (``None`` on the
         processes of a site other than rank 0: they only save their state)."""
-        spec = self.state.spec_for(plan)
+        spec = self.home.spec_for(plan)
+        self.state = self.paths.for_plan(plan, spec) if plan.path else self.home
         remember_head(self.state_dir, plan.run_id, plan.round, plan.ledger_head)
         ahead = self._usable_ahead(plan, spec)
         received = self.receive(plan, spec)
-        result = self.train(plan, spec, received, ahead, self._paced(on_step))
+        result = self.train(plan, spec, received, ahead, paced(on_step, self.pace_s))
         delta = self.pseudo_gradient(plan, spec)
         if not self.parallel.is_main:
             self.save(plan, spec)
@@ -267,28 +275,12 @@ class Site:
             return
         results = []
         while len(results) < max_steps and not stop.is_set():
-            results.append(st.trainer.run(st.next_batch, 1, 0, self._paced(None)))
+            results.append(st.trainer.run(st.next_batch, 1, 0, paced(None, self.pace_s)))
         self._ahead = (st.completed, results, self._allowed)
 
     def saved_rounds(self) -> list[int]:
         """The rounds whose end state this site has saved."""
         return self.state.folders.rounds()
-
-    def _paced(self, on_step: StepCallback | None) -> StepCallback | None:
-        """``on_step``, plus a sleep that stretches each step to ``pace_s`` seconds."""
-        if not self.pace_s:
-            return on_step
-        last = [time.perf_counter()]
-
-        def step(n: int, loss: float) -> None:
-            rest = self.pace_s - (time.perf_counter() - last[0])
-            if rest > 0:
-                time.sleep(rest)
-            last[0] = time.perf_counter()
-            if on_step is not None:
-                on_step(n, loss)
-
-        return step
 
 
 def _covers(now: set[int] | None, then: set[int] | None) -> bool:

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -26,6 +27,7 @@ from atoll.data.reader import PackedReader, TokenDataset
 from atoll.federation.codecs import ErrorFeedback
 from atoll.federation.fragments import fragment_of_round, split_fragments
 from atoll.federation.protocol import RoundPlan, RunSpec
+from atoll.paths.site_rows import RoutedRows
 from atoll.train.distributed import Parallel
 from atoll.train.inner import InnerConfig, InnerTrainer
 from atoll.util.atomic import write_atomic
@@ -65,6 +67,7 @@ class SiteState:
         self.keep_anchor = False  # save the received weights too (streaming, delta downlink)
         self.shapes: dict[str, torch.Size] = {}  # the model's tensors, in model order
         self.fragments: list[list[str]] = []  # their groups for streaming sync
+        self.rows: np.ndarray | None = None  # the rows it trains on (a path's); None: all
 
     # -- the run spec ----------------------------------------------------------------------
 
@@ -100,6 +103,8 @@ class SiteState:
         forward = self.parallel.wrap(self.model)  # before the optimizer: FSDP2 shards in place
         self.trainer = InnerTrainer(self.model, inner, spec.total_steps, forward=forward)
         dataset = TokenDataset(self.data_dir, "train", spec.seq_len)
+        if self.rows is not None:
+            dataset = RoutedRows(dataset, self.rows)
         if dataset.manifest["vocab_size"] > cfg.vocab_size:
             raise ValueError(f"site {self.name}: data in {self.data_dir} was prepared with a "
                              f"vocabulary of {dataset.manifest['vocab_size']}, the model has "
@@ -151,6 +156,12 @@ class SiteState:
         """Forget what memory holds and build afresh for ``spec``."""
         self._key = None
         self.build(spec)
+
+    def unload(self) -> None:
+        """Free the model, optimizer and reader (rebuilt, and restored from disk, when next
+        needed)."""
+        self.model = self.trainer = self.reader = None
+        self.anchor, self._key, self.completed = {}, None, None
 
     def forget_round(self) -> None:
         """Memory no longer holds a saved round's end state (it trained on past it)."""

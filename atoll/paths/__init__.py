@@ -6,5 +6,5 @@ its data routes to.
 - :mod:`atoll.paths.router`: row features and product k-means;
 - :mod:`atoll.paths.site_rows`: a site's feature sample and its rows per path (consent kept);
 - :mod:`atoll.paths.planning`: which path each site trains in a round;
-- :mod:`atoll.paths.export`: every path as a Hugging Face model, and a prompt's path.
+- :mod:`atoll.app.paths_export`: every path as a Hugging Face model, and a prompt's path.
 """

@@ -1,8 +1,8 @@
 """Each module's outer step averages the updates of the paths that run through it.
 
-A site's update is the pseudo-gradient of one path, named as the base model's parameters.
-Split by module (:func:`atoll.paths.grid.to_modules`), each part goes into that module's own
-token-weighted mean, so a module shared by paths A and B receives
+A site's update is the pseudo-gradient of one path; the coordinator names its tensors by
+their grid keys (``<module>/<parameter>``) before it checks them. Split by module, each part
+goes into that module's own token-weighted mean, so a module shared by paths A and B receives
 ``(t_A * delta_A + t_B * delta_B) / (t_A + t_B)`` and the shared embeddings and head average
 every update of the round. A 1 x 1 grid is the dense model: one mean over every update, the
 same arithmetic in the same order, bit for bit.
@@ -15,7 +15,8 @@ from typing import Protocol
 
 import torch
 
-from atoll.paths.grid import Path, PathsConfig, to_modules
+from atoll.paths.grid import PathsConfig
+from atoll.util.views import Subset
 
 
 class Mean(Protocol):
@@ -40,12 +41,16 @@ class ModuleMean:
         self.make_mean = make_mean
         self._means: dict[str, Mean] = {}
 
-    def add(self, delta: Mapping[str, torch.Tensor], path: Path, weight: float) -> None:
-        """Fold in the pseudo-gradient of ``path`` with its weight (its tokens)."""
-        for module, part in to_modules(dict(delta), path, self.cfg).items():
+    def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Fold in one path's pseudo-gradient (keyed by grid keys) with its weight (its
+        tokens); its tensors are read one at a time, as they are for a dense update."""
+        by_module: dict[str, list[str]] = {}
+        for key in delta:
+            by_module.setdefault(key.partition("/")[0], []).append(key)
+        for module, keys in by_module.items():
             if module not in self._means:
                 self._means[module] = self.make_mean()
-            self._means[module].add(part, weight)
+            self._means[module].add(Subset(delta, keys), weight)
 
     def weight(self, module: str) -> float:
         """The summed weight of the updates that touched ``module`` (0: none did)."""
@@ -62,3 +67,4 @@ class ModuleMean:
             if module in self._means:
                 out.update(self._means[module].result() or {})
         return out
+

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from atoll.paths.router_config import RouterConfig
+
 SHARED = "shared"
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -37,17 +39,22 @@ class PathsConfig:
     order (``[[0, 2], [2, 4]]`` for a 4-block model in two levels). Empty: a dense model."""
     modules_per_level: list[int] = field(default_factory=list)
     """How many modules each level has (``[2, 2]``: 4 paths)."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    """How documents are routed to paths (:mod:`atoll.paths.router`)."""
 
     @property
     def enabled(self) -> bool:
         """Whether the model is a grid of paths at all."""
         return bool(self.levels)
 
-    def check(self, num_layers: int) -> None:
-        """Refuse levels that do not tile the model's ``num_layers`` blocks, or a level
-        without modules."""
+    def check(self, num_layers: int | None = None) -> None:
+        """Refuse levels that do not tile the model's ``num_layers`` blocks (when known), a
+        level without modules, or router settings no router can use."""
         if not self.enabled:
+            if self.modules_per_level:
+                raise ValueError("model.paths.modules_per_level without model.paths.levels")
             return
+        self.router.check()
         if len(self.modules_per_level) != len(self.levels):
             raise ValueError(f"model.paths: {len(self.levels)} levels but "
                              f"{len(self.modules_per_level)} entries in modules_per_level")
@@ -57,7 +64,7 @@ class PathsConfig:
                 raise ValueError(f"model.paths.levels[{i}] = {lv}: levels must be [first, end) "
                                  f"block ranges that follow each other from block 0")
             at = lv[1]
-        if at != num_layers:
+        if num_layers is not None and at != num_layers:
             raise ValueError(f"model.paths.levels end at block {at}; the model has "
                              f"{num_layers} blocks")
         if any(type(k) is not int or k < 1 for k in self.modules_per_level):
@@ -143,12 +150,7 @@ def path_weights(grid: dict[str, torch.Tensor], path: Path, cfg: PathsConfig
     return out
 
 
-def to_modules(delta: dict[str, torch.Tensor], path: Path, cfg: PathsConfig
-               ) -> dict[str, dict[str, torch.Tensor]]:
-    """A path's pseudo-gradient (named as the base model's) split by module: module ->
-    {grid key: tensor}."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in delta.items():
-        module = cfg.module_of(name, path)
-        out.setdefault(module, {})[f"{module}/{name}"] = t
-    return out
+def to_grid(delta: dict[str, torch.Tensor], path: Path, cfg: PathsConfig
+            ) -> dict[str, torch.Tensor]:
+    """A path's tensors (named as the base model's) under their grid keys."""
+    return {f"{cfg.module_of(name, path)}/{name}": t for name, t in delta.items()}

@@ -3,7 +3,8 @@
 A site trains one path a round, drawn in proportion to its (consented) tokens on each path:
 over the rounds it trains every path its data routes to, each as often as its share of the
 data, and a path it holds nothing of is never its to train. The draw is seeded by the run's
-seed and the round, so a resumed run draws what the uninterrupted one did.
+seed, the round and the site's name (not its place among the others: a site that joins
+changes nobody else's draws), so a resumed run draws what the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ from __future__ import annotations
 import numpy as np
 
 from atoll.paths.grid import Path
+from atoll.util.hashing import seed_of
 
 
 def assign_paths(tokens: dict[str, dict[Path, int]], round_: int, seed: int
                  ) -> dict[str, Path]:
     """Each site's path for ``round_``; sites with no tokens on any path get none."""
     out = {}
-    for i, site in enumerate(sorted(tokens)):
+    for site in sorted(tokens):
         held = sorted((p, n) for p, n in tokens[site].items() if n > 0)
         if not held:
             continue
         weights = np.array([n for _, n in held], dtype=np.float64)
-        rng = np.random.default_rng([seed, round_, i])
+        rng = np.random.default_rng([seed, round_, seed_of(seed, site)])
         out[site] = held[int(rng.choice(len(held), p=weights / weights.sum()))][0]
     return out
 

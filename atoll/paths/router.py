@@ -21,7 +21,6 @@ router is saved with the run.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path as FilePath
 
 import numpy as np
@@ -29,34 +28,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from atoll.paths.grid import Path, PathsConfig
+from atoll.paths.router_config import RouterConfig
 from atoll.util.atomic import write_atomic
-
-
-@dataclass
-class RouterConfig:
-    """How rows are described and clustered (``[paths.router]``)."""
-
-    prefix_tokens: int = 64
-    """Tokens of a row's beginning that its features describe."""
-    dim: int = 256
-    """Hashed bigram buckets (split evenly between the levels)."""
-    sample_rows: int = 256
-    """Rows whose features each site sends for fitting."""
-    idf: bool = True
-    """Weight features by inverse document frequency over the fitting sample."""
-    kind: str = "flat"
-    """``flat`` (one k-means over the paths) or ``product`` (one per level)."""
-    iterations: int = 50
-    seed: int = 0
-
-    def check(self) -> None:
-        """Refuse settings no router can use."""
-        if self.prefix_tokens < 2 or self.sample_rows < 1 or self.iterations < 1 or \
-                self.dim < 1:
-            raise ValueError("paths.router: prefix_tokens >= 2; dim, sample_rows and "
-                             "iterations >= 1")
-        if self.kind not in ("flat", "product"):
-            raise ValueError(f"paths.router.kind must be 'flat' or 'product', got {self.kind!r}")
 
 
 def prefix_features(rows: np.ndarray, cfg: RouterConfig) -> np.ndarray:
@@ -118,7 +91,7 @@ class Router:
         x = torch.from_numpy(np.asarray(features, dtype=np.float32))
         cfg.check()
         if cfg.kind == "product" and cfg.dim % len(paths.levels):
-            raise ValueError(f"paths.router.dim = {cfg.dim} does not split evenly into "
+            raise ValueError(f"model.paths.router.dim = {cfg.dim} does not split evenly into "
                              f"{len(paths.levels)} levels")
         if len(x) < max(paths.modules_per_level):
             raise ValueError(f"{len(x)} feature rows cannot fit "

@@ -82,3 +82,26 @@ def tokens_per_path(routes: np.ndarray, paths: PathsConfig, dataset: TokenDatase
     idx = _allowed_rows(dataset, allow)
     counts = np.bincount(routes[idx], minlength=len(paths.paths()))
     return {p: int(counts[i]) * dataset.seq_len for i, p in enumerate(paths.paths())}
+
+
+class RoutedRows:
+    """The rows of a split routed to one path, read like the whole split (a
+    :class:`~atoll.data.reader.PackedReader` over it walks its own seeded order of them,
+    with its own cursor: one resumable reader per path)."""
+
+    def __init__(self, dataset: TokenDataset, rows: np.ndarray) -> None:
+        self.dataset = dataset
+        self.index = np.asarray(rows, dtype=np.int64)
+        self.root, self.manifest = dataset.root, dataset.manifest
+        self.seq_len, self.sources = dataset.seq_len, dataset.sources
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` of this path's rows."""
+        return self.dataset.rows(self.index[index])
+
+    def source_of(self, index: np.ndarray) -> np.ndarray:
+        """The manifest source of each of rows ``index`` of this path's rows."""
+        return self.dataset.source_of(self.index[index])

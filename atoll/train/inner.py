@@ -219,3 +219,24 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+StepCallback = Callable[[int, float], None]
+
+
+def paced(on_step: StepCallback | None, pace_s: float) -> StepCallback | None:
+    """``on_step``, plus a sleep that stretches each step to ``pace_s`` seconds (emulated
+    slower hardware)."""
+    if not pace_s:
+        return on_step
+    last = [time.perf_counter()]
+
+    def step(n: int, loss: float) -> None:
+        rest = pace_s - (time.perf_counter() - last[0])
+        if rest > 0:
+            time.sleep(rest)
+        last[0] = time.perf_counter()
+        if on_step is not None:
+            on_step(n, loss)
+
+    return step

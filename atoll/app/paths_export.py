@@ -6,7 +6,7 @@ router (``router.safetensors``, ``router.json``) and one folder per path (``p0-1
 loadable on its own with ``AutoModelForCausalLM.from_pretrained``. At inference a document
 runs through one path, as it did in training::
 
-    from atoll.paths.export import load_for_prompt
+    from atoll.app.paths_export import load_for_prompt
     model, tokenizer, path = load_for_prompt("runs/x/model", "def main(")
 """
 

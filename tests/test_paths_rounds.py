@@ -1,0 +1,171 @@
+"""A grid of paths in the round loop (issue 16): what each site is sent and trains, what each
+module's outer step is made of, the 1 x 1 grid against the dense run, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from atoll.app.metrics import read_metrics
+from atoll.app.run import Run
+from atoll.app.simulate import simulate
+from atoll.config import ConfigError
+from atoll.engines.local import LocalEngine
+from atoll.federation.codecs import decode, parse_spec
+from atoll.federation.features import (
+    FeatureReport,
+    check_against_request,
+    feature_requests,
+)
+from atoll.federation.site import Site
+from atoll.paths.grid import PathsConfig, parse_path, path_weights
+from atoll.paths.router_config import RouterConfig
+from tests.conftest import small_config
+from tests.test_resume import Crash, CrashingEngine, comparable
+
+GRID = {"levels": [[0, 2], [2, 4]], "modules_per_level": [2, 2]}
+ONE = {"levels": [[0, 4]], "modules_per_level": [1]}
+SITES = ["code", "scripture", "shakespeare", "speeches"]
+
+
+def grid_config(demo_data, paths, sites=SITES, **sections):
+    cfg = small_config(demo_data, sites, model={"paths": paths}, eval={"at": "coordinator"},
+                       **sections)
+    cfg.check()
+    return cfg
+
+
+class RecordingEngine(LocalEngine):
+    """The local engine, keeping every round's plans and a copy of the global weights as
+    the round opened, so that a test can look at what each site was sent."""
+
+    def __init__(self, sites, run: Run) -> None:
+        super().__init__(sites)
+        self.run = run
+        self.sent: list[tuple[dict, dict]] = []  # (plans, weights at the round's open)
+
+    def exchange(self, plans, deadline_s=0.0):
+        weights = {k: v.clone() for k, v in self.run.coordinator.weights.items()}
+        # as they went out (an fp32 payload shares the global tensors the outer step moves)
+        sent = {s: (p.path, p.codec, {k: v.clone() for k, v in p.weights.items()})
+                for s, p in plans.items()}
+        self.sent.append((sent, weights))
+        yield from super().exchange(plans, deadline_s)
+
+
+def run_recorded(cfg, out):
+    """The run, its engine, and the weights before and after each round."""
+    run = Run(cfg, out)
+    engine = RecordingEngine([Site(s.name, s.data, out / "sites" / s.name) for s in cfg.sites],
+                             run)
+    run.execute(engine)
+    run.finish()
+    run.close()
+    weights = [w for _, w in engine.sent] + [dict(run.coordinator.weights)]
+    return run, engine, weights
+
+
+def test_a_site_is_sent_only_its_paths_modules_and_untrained_modules_stay(demo_data, tmp_path):
+    cfg = grid_config(demo_data, GRID)
+    run, engine, weights = run_recorded(cfg, tmp_path / "grid")
+    paths = PathsConfig(**GRID)
+    one_path = sum(t.numel() for t in run.model.parameters())
+    grid_size = sum(t.numel() for t in run.coordinator.weights.values())
+    assert grid_size > 1.5 * one_path
+    drawn = set()
+    for r, (plans, opened) in enumerate(engine.sent, start=1):
+        touched = set()
+        for site, (name, codec, sent) in plans.items():
+            path = parse_path(name, paths)
+            drawn.add(path)
+            want = path_weights(opened, path, paths)
+            got = decode(sent, {n: t.shape for n, t in want.items()}, parse_spec(codec))
+            assert got.keys() == want.keys()  # exactly one path's tensors, nothing more
+            assert all(torch.equal(got[n], want[n]) for n in want), (r, site)
+            assert sum(t.numel() for t in sent.values()) == one_path
+            touched |= set(paths.modules_of(path))
+        # a module no site trained this round did not move; every other one did
+        for key, w in weights[r].items():
+            still = torch.equal(w, weights[r - 1][key])
+            assert still == (key.partition("/")[0] not in touched), (r, key)
+    assert len(drawn) > 1  # the four domains do not all route to one path
+    sites = [m for m in read_metrics(tmp_path / "grid" / "metrics.jsonl") if m["kind"] == "site"]
+    assert all(m["accepted"] for m in sites)
+    # bytes down per site: one path's fp32 weights and a header, never the grid's
+    assert all(4 * one_path < m["bytes_down"] < 4 * one_path + 64_000 for m in sites)
+
+
+def test_a_one_by_one_grid_trains_exactly_as_the_dense_model(demo_data, tmp_path):
+    sites = ["code", "speeches"]
+    dense = simulate(small_config(demo_data, sites, eval={"at": "coordinator"}),
+                     tmp_path / "dense", report=False)
+    one = simulate(grid_config(demo_data, ONE, sites), tmp_path / "one", report=False)
+    want = load_file(tmp_path / "dense" / "model" / "model.safetensors")
+    got = load_file(tmp_path / "one" / "model" / "p0" / "model.safetensors")
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    losses = [[r["val_loss"] for r in read_metrics(out / "metrics.jsonl")
+               if r["kind"] == "round"] for out in (tmp_path / "dense", tmp_path / "one")]
+    assert losses[0] == losses[1]
+    assert dense.coordinator.tokens == one.coordinator.tokens
+
+
+def test_every_path_of_the_exported_grid_loads_and_the_router_is_kept(demo_data, tmp_path):
+    cfg = grid_config(demo_data, GRID, ["code", "shakespeare"], federation={"rounds": 1})
+    simulate(cfg, tmp_path / "run", report=False)
+    model = tmp_path / "run" / "model"
+    index = json.loads((model / "paths.json").read_text())
+    assert index["paths"] == ["p0-0", "p0-1", "p1-0", "p1-1"]
+    for name in index["paths"]:
+        AutoModelForCausalLM.from_pretrained(model / name)
+    saved = json.loads((tmp_path / "run" / "router" / "router.json").read_text())
+    assert saved == json.loads((model / "router.json").read_text())
+
+
+def test_a_resumed_grid_run_equals_the_uninterrupted_one(demo_data, tmp_path):
+    cfg = grid_config(demo_data, GRID, ["code", "scripture", "speeches"],
+                      federation={"rounds": 4, "steps_per_round": 3},
+                      comm={"up": {"kind": "int8"}})
+    straight = simulate(cfg, tmp_path / "straight", report=False)
+    out = tmp_path / "crashed"
+    run = Run(cfg, out)
+    with pytest.raises(Crash):
+        run.execute(CrashingEngine([Site(s.name, s.data, out / "sites" / s.name)
+                                    for s in cfg.sites], at=3))
+    run.close()
+    resumed = simulate(cfg, out, resume=True, report=False)
+    for n, w in straight.coordinator.weights.items():
+        assert torch.equal(w, resumed.coordinator.weights[n]), n
+    assert comparable(read_metrics(out / "metrics.jsonl")) == \
+        comparable(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+
+
+def test_feature_reports_that_do_not_answer_the_request_are_refused():
+    cfg = RouterConfig(dim=8, sample_rows=4)
+    request = feature_requests("run", ["a"], cfg, 64, "pretraining", 0)["a"]
+
+    def report(x, rows=10):
+        return FeatureReport(run_id="run", site="a", rows=rows, features={"features": x})
+
+    unit = torch.nn.functional.normalize(torch.rand(3, 8), dim=1)
+    assert check_against_request(report(unit), request) is None
+    bad = {"wrong width": torch.rand(3, 9), "too many rows": torch.rand(5, 8) / 9,
+           "more than it holds": unit[:3], "NaN": unit.clone().fill_(float("nan")),
+           "negative": -unit, "too long": unit * 2, "float64": unit.double()}
+    for what, x in bad.items():
+        rows = 2 if what == "more than it holds" else 10
+        assert check_against_request(report(x, rows), request) is not None, what
+
+
+@pytest.mark.parametrize("section", [
+    {"comm": {"down": {"delta": True}}}, {"federation": {"fragments": 2}},
+    {"privacy": {"noise_multiplier": 1.0}}, {"eval": {"at": "sites"}}])
+def test_settings_a_grid_does_not_run_with_are_refused(demo_data, tmp_path, section):
+    key, value = next(iter(section.items()))
+    with pytest.raises(ConfigError, match="model.paths does not combine"):
+        small_config(demo_data, ["code"], model={"paths": GRID},
+                     **{**{"eval": {"at": "coordinator"}}, key: value})
