@@ -36,6 +36,8 @@ FAST = {
                         "peak memory allocated"]),
     "plan_check.py": ([], ["payload up", "exact: True", "predicted / measured"]),
     "demo_frontier.py": ([], ["data-parallel baseline", "vs data-parallel", "x fewer bytes"]),
+    "dipaco.py": ([], ["dense tiny (one path's size)", "DiPaCo 2 x 2 (paths of tiny's size)",
+                       "dense 8 blocks (the grid's size)", "grid vs dense tiny"]),
     "routing.py": ([], ["4 paths (2 x 2), product", "no idf",
                              "random paths (baseline)"]),
     "demo_phases.py": ([], ["data preparation", "sites: inner steps", "credit probe",

@@ -22,6 +22,8 @@ from atoll.federation.features import (
     feature_requests,
 )
 from atoll.federation.site import Site
+from atoll.ledger.chain import read_entries, verify_ledger
+from atoll.ledger.credit import shares
 from atoll.paths.grid import PathsConfig, parse_path, path_weights
 from atoll.paths.router_config import RouterConfig
 from tests.conftest import small_config
@@ -169,3 +171,19 @@ def test_settings_a_grid_does_not_run_with_are_refused(demo_data, tmp_path, sect
     with pytest.raises(ConfigError, match="model.paths does not combine"):
         small_config(demo_data, ["code"], model={"paths": GRID},
                      **{**{"eval": {"at": "coordinator"}}, key: value})
+
+
+def test_robust_rules_credit_and_the_ledger_work_module_by_module(demo_data, tmp_path):
+    cfg = grid_config(demo_data, GRID, aggregation={"rule": "trimmed_mean"},
+                      comm={"up": {"kind": "int8"}})
+    simulate(cfg, tmp_path / "run", report=False)
+    ledger = tmp_path / "run" / "ledger.sqlite"
+    assert verify_ledger(ledger).ok
+    updates = [e for e in read_entries(ledger) if e.kind == "update"]
+    assert len(updates) == 3 * len(SITES)
+    for e in updates:  # each names the modules it trained: shared, one per level
+        modules = e.body["modules"]
+        assert modules[0] == "l0m0" or modules[0] == "l0m1"
+        assert len(modules) == 3 and "shared" in modules
+        assert e.body["value"] is not None  # valued against the routed validation loss
+    assert sum(s.share for s in shares(read_entries(ledger))) == pytest.approx(1.0)

@@ -120,6 +120,9 @@ class Books:
         if update.node_key:  # which registered key vouched for the receipt key, checkably
             self._pending[(update.site, update.round)] |= {
                 "node_key": update.node_key, "signer_binding": update.signer_binding}
+        modules = sorted({k.partition("/")[0] for k in delta if "/" in k})
+        if modules:  # a grid of paths: the modules this update trained
+            self._pending[(update.site, update.round)]["modules"] = modules
         return None
 
     def _gradient(self) -> dict[str, torch.Tensor]:

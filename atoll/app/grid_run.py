@@ -69,8 +69,9 @@ class GridRun:
             c.run_id, unknown, self.cfg.router, c.seq_len, c.purpose, c.seed), deadline_s)
         for site, reason in got.refused.items():
             self.log(f"  features of {site} not used: {reason}")
-        if not got.features:
-            return
+        if not got.features and self.router is None:
+            raise RuntimeError("no site sent usable features to fit the router on: "
+                               + "; ".join(f"{s}: {r}" for s, r in got.refused.items()))
         if self.router is None:
             sample = np.concatenate([got.features[s] for s in sorted(got.features)])
             router = Router.fit(sample, self.cfg, self.cfg.router)
