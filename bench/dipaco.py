@@ -63,7 +63,7 @@ def summary(out: Path, run, seq_len: int, batch: int) -> dict:
     records = read_metrics(out / "metrics.jsonl")
     last = [r for r in records if r["kind"] == "round" and r["run"] == "federation"][-1]
     sites = [r for r in records if r["kind"] == "site" and r.get("accepted")]
-    per = max(1, len(sites))
+    per = max(1, len(sites))  # accepted updates: bytes per site and round
     return {"val": last["val_loss"], "tokens": run.coordinator.tokens,
             "per_site": sum(p.numel() for p in run.model.parameters()),
             "total": sum(t.numel() for t in run.coordinator.weights.values()),
@@ -105,15 +105,15 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     first = next(iter(results.values()))
     domains = sorted(first["val"])
     print(f"\n{args.rounds} rounds x {args.steps} inner steps x 4 sites, {first['tokens']:,} "
-          f"tokens in every run; bytes per site over the whole run")
+          f"tokens in every run; bytes per site and round")
     print(f"{'run':<38} {'params/site':>11} {'total':>10} {'val mean':>9} "
           + " ".join(f"{d:>11}" for d in domains)
-          + f" {'MB up/site':>11} {'MB down/site':>12} {'site memory':>12}")
+          + f" {'MB up':>7} {'MB down':>8} {'site memory':>12}")
     for name, r in results.items():
         mean = sum(r["val"].values()) / len(r["val"])
         print(f"{name:<38} {r['per_site']:>11,} {r['total']:>10,} {mean:>9.4f} "
               + " ".join(f"{r['val'][d]:>11.4f}" for d in domains)
-              + f" {r['up'] / 1e6:>11.2f} {r['down'] / 1e6:>12.2f} "
+              + f" {r['up'] / 1e6:>7.2f} {r['down'] / 1e6:>8.2f} "
               f"{r['memory'] / 2**20:>9.1f} MiB")
     means = {n: sum(r["val"].values()) / len(r["val"]) for n, r in results.items()}
     names = list(results)

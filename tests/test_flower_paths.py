@@ -1,5 +1,6 @@
 """A grid of paths on a real federation (issue 16): flower-superlink and three supernodes
-with TLS and keys give the local engine's numbers for the same config and seed."""
+with TLS and keys give the local engine's numbers for the same config and seed: the router,
+every path's weights, and the sites' routed validation losses."""
 
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ def test_flower_equals_local_engine_on_a_two_by_two_grid(demo_data, tmp_path,
     data = {s: demo_data[s] for s in SITES}
     config = write_config(tmp_path / "fed.toml", data,
                           model={"paths": {"levels": [[0, 2], [2, 4]],
-                                           "modules_per_level": [2, 2]}},
-                          eval={"at": "coordinator"})
+                                           "modules_per_level": [2, 2]}})
     keys = tmp_path / "keys"
     make_keys(keys, list(SITES))
     fed = federation(config, keys)
@@ -58,3 +58,12 @@ def test_flower_equals_local_engine_on_a_two_by_two_grid(demo_data, tmp_path,
     assert sorted((r["round"], r["site"], r["accepted"]) for r in rounds[0]) == \
         sorted((r["round"], r["site"], r["accepted"]) for r in rounds[1])
     assert all(path_bytes < r["bytes_down"] < path_bytes + 200_000 for r in rounds[0])
+    # validated by the sites, each path on the held-out rows routed to it, as locally
+    val = [{r["round"]: r["val_loss"] for r in read_metrics(out / "metrics.jsonl")
+            if r["kind"] == "round" and r["run"] == "federation"}
+           for out in (fed.out, tmp_path / "local")]
+    assert sorted(val[0]) == sorted(val[1]) == [0, 1, 2, 3]
+    for r, losses in val[0].items():
+        assert sorted(losses) == sorted(SITES)
+        for domain, loss in losses.items():
+            assert loss == pytest.approx(val[1][r][domain], abs=1e-4)

@@ -116,6 +116,25 @@ def test_a_one_by_one_grid_trains_exactly_as_the_dense_model(demo_data, tmp_path
     assert dense.coordinator.tokens == one.coordinator.tokens
 
 
+def test_sites_measure_each_path_on_their_rows_routed_to_it(demo_data, tmp_path):
+    """Validation by the sites (what a deployed federation has) gives the coordinator's
+    routed losses: each site measures the paths its data routes to, on its held-out rows
+    routed there; a 1 x 1 grid's is the dense run's."""
+    losses = {}
+    for name, paths, at in [("grid-sites", GRID, "sites"), ("grid-here", GRID, "coordinator"),
+                            ("one-sites", ONE, "sites"), ("dense-sites", None, "sites")]:
+        cfg = small_config(demo_data, SITES, federation={"rounds": 2},
+                           model={"paths": paths} if paths else {}, eval={"at": at})
+        simulate(cfg, tmp_path / name, report=False)
+        losses[name] = [r["val_loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")
+                        if r["kind"] == "round"]
+    assert losses["one-sites"] == losses["dense-sites"]
+    for here, there in zip(losses["grid-here"], losses["grid-sites"], strict=True):
+        assert here.keys() == there.keys() == set(SITES)
+        for d in SITES:
+            assert there[d] == pytest.approx(here[d], rel=1e-6), d
+
+
 def test_every_path_of_the_exported_grid_loads_and_the_router_is_kept(demo_data, tmp_path):
     cfg = grid_config(demo_data, GRID, ["code", "shakespeare"], federation={"rounds": 1})
     simulate(cfg, tmp_path / "run", report=False)
@@ -165,7 +184,7 @@ def test_feature_reports_that_do_not_answer_the_request_are_refused():
 
 @pytest.mark.parametrize("section", [
     {"comm": {"down": {"delta": True}}}, {"federation": {"fragments": 2}},
-    {"privacy": {"noise_multiplier": 1.0}}, {"eval": {"at": "sites"}}])
+    {"privacy": {"noise_multiplier": 1.0}}])
 def test_settings_a_grid_does_not_run_with_are_refused(demo_data, tmp_path, section):
     key, value = next(iter(section.items()))
     with pytest.raises(ConfigError, match="model.paths does not combine"):

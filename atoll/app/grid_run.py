@@ -23,12 +23,14 @@ import torch
 from atoll.app.paths_export import export_paths
 from atoll.federation.coordinator import Coordinator
 from atoll.federation.engine import Engine
+from atoll.federation.evaluation import EvalOutcome, ask_sites, eval_requests
 from atoll.federation.features import collect_features, feature_requests
 from atoll.federation.settings import CoordinatorConfig
 from atoll.ledger.credit import ValidationGradient
 from atoll.paths.assignment import PathAssignment
-from atoll.paths.grid import Path, PathsConfig, grid_from_dense, path_weights
+from atoll.paths.grid import Path, PathsConfig, grid_from_dense, path_name, path_weights
 from atoll.paths.router import Router
+from atoll.paths.site_rows import batches_by_path
 from atoll.train.evaluate import loss_and_tokens
 from atoll.util.weights import load_weights
 
@@ -89,17 +91,8 @@ class GridRun:
         return path_weights(grid, path, self.cfg)
 
     def routed_batches(self, batches: list[torch.Tensor]) -> dict[Path, list[torch.Tensor]]:
-        """``batches`` regrouped by the path each row routes to (batches of the same size,
-        rows in their order)."""
-        rows = torch.cat(batches)
-        size = batches[0].shape[0]
-        routes = self.router.route_rows(rows.numpy())
-        out = {}
-        for path in self.cfg.paths():
-            mine = rows[[i for i, p in enumerate(routes) if p == path]]
-            if len(mine):
-                out[path] = list(torch.split(mine, size))
-        return out
+        """``batches`` regrouped by the path each row routes to."""
+        return batches_by_path(batches, self.router, self.cfg)
 
     def evaluate(self, grid: dict[str, torch.Tensor], sets: dict[str, list[torch.Tensor]]
                  ) -> dict[str, float]:
@@ -113,6 +106,35 @@ class GridRun:
             count = sum(n for _, n in measured)
             out[domain] = measured[0][0] if len(measured) == 1 else \
                 sum(loss * n for loss, n in measured) / count
+        return out
+
+    def ask_sites(self, engine: Engine, round_: int, sites: list[str], cfg: RunConfig
+                  ) -> EvalOutcome:
+        """Validation by the sites: each is sent every path its data routes to (by its
+        routed sample) and measures it on its held-out rows routed there; each domain's
+        loss is the token-weighted mean over its paths."""
+        c, e = self.coordinator, cfg.eval
+        asked = []
+        for path in self.cfg.paths():
+            mine = [s for s in sites if c.paths.tokens.get(s, {}).get(path)]
+            if mine:
+                asked.append((path_name(path), ask_sites(engine, eval_requests(
+                    c.run_id, round_, mine, self.path_weights(c.weights, path),
+                    self.model.config.to_dict(), cfg.data.seq_len, cfg.purpose, e.batch_size,
+                    e.max_batches, path_name(path), c.spec.paths), cfg.federation.deadline_s)))
+        if len(asked) == 1:
+            return asked[0][1]
+        out = EvalOutcome()
+        total: dict[str, float] = {}
+        for name, got in asked:
+            out.refused |= {f"{s} (path {name})": why for s, why in got.refused.items()}
+            out.bytes_up, out.bytes_down = out.bytes_up + got.bytes_up, \
+                out.bytes_down + got.bytes_down
+            for d, loss in got.losses.items():
+                total[d] = total.get(d, 0.0) + loss * got.tokens[d]
+                out.tokens[d] = out.tokens.get(d, 0) + got.tokens[d]
+        out.losses = {d: total[d] / out.tokens[d] for d in sorted(total)}
+        out.tokens = {d: out.tokens[d] for d in sorted(total)}
         return out
 
     def gradient(self, grid: dict[str, torch.Tensor], batches: list[torch.Tensor]
@@ -161,10 +183,7 @@ def check_paths_combine(cfg: RunConfig) -> None:
         "comm.down.delta (a site may train another path next round: paths go whole)":
             cfg.comm.down.delta,
         "privacy (the accountant counts one mean per round, a grid takes one per module)":
-            cfg.privacy.enabled,
-        'eval.at = "sites" (validation is routed path by path at the coordinator: set '
-        'eval.at = "coordinator", with eval.sets on a deployed federation)':
-            cfg.eval.at == "sites"}
+            cfg.privacy.enabled}
     for what, bad in refused.items():
         if bad:
             raise ValueError(f"model.paths does not combine with {what}")

@@ -212,12 +212,12 @@ class Run:
         e = self.cfg.eval
         if e.at == "coordinator":
             return self.evaluate(self.coordinator.weights), None
-        weights = self.coordinator.weights
-        requests = eval_requests(
-            self.run_id, r, self._engine.available_sites(), weights,
-            self.model.config.to_dict(), self.cfg.data.seq_len, self.cfg.purpose,
-            e.batch_size, e.max_batches)
-        asked = ask_sites(self._engine, requests, self.cfg.federation.deadline_s)
+        weights, sites = self.coordinator.weights, self._engine.available_sites()
+        asked = self.grid.ask_sites(self._engine, r, sites, self.cfg) if self.grid else \
+            ask_sites(self._engine, eval_requests(
+                self.run_id, r, sites, weights, self.model.config.to_dict(),
+                self.cfg.data.seq_len, self.cfg.purpose, e.batch_size, e.max_batches),
+                self.cfg.federation.deadline_s)
         for site, reason in asked.refused.items():
             self.progress.log(f"  round {r}: evaluation at {site} not counted: {reason}")
         val = dict(asked.losses)

@@ -47,12 +47,15 @@ MAX_LOSS = 1e4
 
 def eval_requests(run_id: str, round_: int, sites: list[str],
                   weights: dict[str, torch.Tensor], model_config: dict[str, Any],
-                  seq_len: int, purpose: str, batch_size: int, max_batches: int
+                  seq_len: int, purpose: str, batch_size: int, max_batches: int,
+                  path: str = "", paths: dict[str, Any] | None = None
                   ) -> dict[str, EvalRequest]:
-    """One request per site, all holding the same weights (an engine serializes them once)."""
+    """One request per site, all holding the same weights (an engine serializes them once;
+    a grid: one path's, measured on the rows that route to it)."""
     return {s: EvalRequest(run_id=run_id, round=round_, site=s, weights=weights,
                            model_config=model_config, seq_len=seq_len, purpose=purpose,
-                           batch_size=batch_size, max_batches=max_batches) for s in sites}
+                           batch_size=batch_size, max_batches=max_batches, path=path,
+                           paths=paths or {}) for s in sites}
 
 
 # -- at the coordinator ---------------------------------------------------------------------
@@ -91,6 +94,8 @@ def check_against_request(report: EvalReport, request: EvalRequest) -> str | Non
                 f"{report.site!r:.80}, the request was for round {request.round}")
     per_row = request.seq_len - 1
     most = request.max_batches * request.batch_size * per_row
+    if report.tokens == 0 and request.path:  # none of its held-out rows route to the path
+        return None
     if report.tokens <= 0 or report.tokens % per_row or (most and report.tokens > most):
         bound = f"at most {most}" if most else "some"
         return (f"reports {report.tokens} tokens, not whole rows of {per_row} ({bound} were "
@@ -105,7 +110,7 @@ def merge_reports(reports: list[EvalReport]) -> tuple[dict[str, float], dict[str
     domain are combined as a token-weighted mean)."""
     total: dict[str, float] = {}
     tokens: dict[str, int] = {}
-    for r in reports:
+    for r in (r for r in reports if r.tokens):
         total[r.site] = total.get(r.site, 0.0) + r.loss * r.tokens
         tokens[r.site] = tokens.get(r.site, 0) + r.tokens
     return {d: total[d] / tokens[d] for d in sorted(total)}, {d: tokens[d] for d in sorted(total)}
@@ -155,6 +160,18 @@ def ask_sites(engine: Engine, requests: dict[str, EvalRequest], deadline_s: floa
 
 # -- at the site ----------------------------------------------------------------------------
 
+def routed_to(batches: list[torch.Tensor], path: str, paths: dict[str, Any]
+              ) -> list[torch.Tensor]:
+    """The rows of ``batches`` that the grid's router sends to ``path``, in batches of the
+    same size (in their order)."""
+    from atoll.paths.assignment import from_spec
+    from atoll.paths.grid import parse_path
+    from atoll.paths.site_rows import batches_by_path
+
+    cfg, router = from_spec(paths)
+    return batches_by_path(batches, router, cfg).get(parse_path(path, cfg), [])
+
+
 class SiteEvaluator:
     """Answers evaluation requests for one site with a model of its own, built once per
     model config, so the site's training state (its weights, optimizer, the steps it may
@@ -178,6 +195,13 @@ class SiteEvaluator:
         if not batches:
             raise ValueError(f"site {self.name}: no held-out rows in {self.data_dir} that "
                              f"consent allows for {request.purpose!r}")
+        if request.path:
+            batches = routed_to(batches, request.path, request.paths)
+            if not batches:
+                report = EvalReport(run_id=request.run_id, round=request.round,
+                                    site=self.name, loss=0.0, tokens=0,
+                                    seconds=time.perf_counter() - start)
+                return header(report), b""
         model = self._model_for(request.model_config)
         with torch.no_grad():
             params = dict(model.named_parameters())

@@ -177,6 +177,11 @@ class EvalRequest:
     batch_size: int = 16
     max_batches: int = 8
     """Held-out batches to use (0 = the whole validation split)."""
+    path: str = ""
+    """A grid of paths: ``weights`` are this path's, to be measured on the held-out rows
+    that route to it (0 tokens when none do)."""
+    paths: dict[str, Any] = field(default_factory=dict)
+    """With ``path``: the grid and its router (the run spec's ``paths``)."""
 
 
 @dataclass

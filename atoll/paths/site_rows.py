@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path as FilePath
 
 import numpy as np
+import torch
 
 from atoll.data.reader import TokenDataset, allowed_mask
 from atoll.paths.grid import Path, PathsConfig
@@ -105,3 +106,20 @@ class RoutedRows:
     def source_of(self, index: np.ndarray) -> np.ndarray:
         """The manifest source of each of rows ``index`` of this path's rows."""
         return self.dataset.source_of(self.index[index])
+
+
+def batches_by_path(batches: list[torch.Tensor], router: Router, paths: PathsConfig
+                    ) -> dict[Path, list[torch.Tensor]]:
+    """Held-out ``batches`` regrouped by the path each row routes to: batches of the same
+    size, rows in their order (one path that takes every row gets the batches back as they
+    were)."""
+    if not batches:
+        return {}
+    rows = torch.cat(batches)
+    routes = router.route_rows(rows.numpy())
+    out = {}
+    for path in paths.paths():
+        mine = rows[[i for i, p in enumerate(routes) if p == path]]
+        if len(mine):
+            out[path] = list(torch.split(mine, batches[0].shape[0]))
+    return out
