@@ -11,10 +11,12 @@ batch and codecs, so every site trains the same tokens in each:
   site trains all of it (twice the memory and compute per site).
 
 Printed: validation loss per domain after the last round (the grid's with each held-out row
-routed to its path), bytes per site and round each way, and each site's training memory
-(:func:`atoll.capacity.memory.device_memory`: weights, gradients, AdamW and activations of
-the model it holds, counted, not timed). The claim under test (the paper's): the grid beats
-the dense model of one path's size at equal per-site compute.
+routed to its path), bytes per site and round each way, and each site's training memory:
+counted (:func:`atoll.capacity.memory.device_memory`: weights, gradients, AdamW and
+activations of the model it holds) and measured (the peak resident memory of a process that
+builds the model a site of that run holds and takes inner steps on it with the site's
+trainer, less what the process held before the model existed). The claim under test (the
+paper's): the grid beats the dense model of one path's size at equal per-site compute.
 
     python bench/dipaco.py [--rounds 32] [--steps 3] [--batch 16] [--smoke]
 """
@@ -24,7 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +42,33 @@ from atoll.capacity.memory import device_memory
 from atoll.data.demo import build_demo_data
 from atoll.model import PRESETS
 from atoll.tokenizer import load_tokenizer
+
+PEAK = """
+import json, sys
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from atoll.train.inner import InnerConfig, InnerTrainer
+def status(key):
+    line = next(x for x in open("/proc/self/status") if x.startswith(key))
+    return int(line.split()[1]) * 1024
+def train(cfg, batch, steps):
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    trainer = InnerTrainer(model, InnerConfig(**a["inner"]), 100)
+    ids = torch.randint(0, cfg["vocab_size"], (batch, a["seq_len"]))
+    trainer.run(lambda: ids, steps)
+a = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+# the same code on a model of almost nothing first: torch's one-time costs (kernels, the
+# autograd engine, thread pools) are then paid before the measurement starts
+train({**a["model"], "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+       "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 8}, 1, 2)
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+train(a["model"], a["batch"], 3)
+print(status("VmHWM:") - before)
+"""
+"""A process that holds and trains one site's model: the peak resident bytes that adds
+(Linux: the high-water mark is reset once the imports are done)."""
 
 SMOKE = {"rounds": 1, "steps": 2, "batch": 2, "tokens": 60_000, "eval_batches": 1}
 GRID = ["model.paths.levels=[[0, 2], [2, 4]]", "model.paths.modules_per_level=[2, 2]"]
@@ -58,6 +90,15 @@ def write_big_config(folder: Path) -> Path:
     return path
 
 
+def site_peak_rss(model_config: dict, inner: dict, batch: int, seq_len: int) -> int:
+    """Measured: the peak resident memory a site's model and trainer add to a process."""
+    arg = json.dumps({"model": model_config, "inner": inner, "batch": batch,
+                      "seq_len": seq_len}, default=str)
+    out = subprocess.run([sys.executable, "-c", PEAK, arg], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.split()[-1])
+
+
 def summary(out: Path, run, seq_len: int, batch: int) -> dict:
     """The figures of one finished run."""
     records = read_metrics(out / "metrics.jsonl")
@@ -69,7 +110,9 @@ def summary(out: Path, run, seq_len: int, batch: int) -> dict:
             "total": sum(t.numel() for t in run.coordinator.weights.values()),
             "up": sum(r["bytes_up"] for r in sites) / per,
             "down": sum(r["bytes_down"] for r in sites) / per,
-            "memory": device_memory(run.model.config, batch, seq_len, 1, 0, bf16=False).total}
+            "memory": device_memory(run.model.config, batch, seq_len, 1, 0, bf16=False).total,
+            "rss": site_peak_rss(run.model.config.to_dict(), asdict(run.cfg.inner), batch,
+                                 seq_len)}
 
 
 def main() -> None:
@@ -108,13 +151,13 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
           f"tokens in every run; bytes per site and round")
     print(f"{'run':<38} {'params/site':>11} {'total':>10} {'val mean':>9} "
           + " ".join(f"{d:>11}" for d in domains)
-          + f" {'MB up':>7} {'MB down':>8} {'site memory':>12}")
+          + f" {'MB up':>7} {'MB down':>8} {'site memory':>12} {'site peak RSS':>14}")
     for name, r in results.items():
         mean = sum(r["val"].values()) / len(r["val"])
         print(f"{name:<38} {r['per_site']:>11,} {r['total']:>10,} {mean:>9.4f} "
               + " ".join(f"{r['val'][d]:>11.4f}" for d in domains)
               + f" {r['up'] / 1e6:>7.2f} {r['down'] / 1e6:>8.2f} "
-              f"{r['memory'] / 2**20:>9.1f} MiB")
+              f"{r['memory'] / 2**20:>8.1f} MiB {r['rss'] / 2**20:>10.1f} MiB")
     means = {n: sum(r["val"].values()) / len(r["val"]) for n, r in results.items()}
     names = list(results)
     grid = means[names[1]]

@@ -125,3 +125,17 @@ def write_config(path: Path, data: dict[str, Path], **sections: dict) -> Path:
         tree.setdefault(k, {}).update(v)
     path.write_text(tomli_w.dumps(tree))
     return path
+
+
+def assert_same_validation(a: Path, b: Path, domains: tuple[str, ...], rounds: int) -> None:
+    """Runs ``a`` and ``b`` have the same validation loss per domain after each of rounds
+    0..``rounds`` (to 1e-4: the two engines' float sums may differ in their last bits)."""
+    import pytest
+
+    val = [{r["round"]: r["val_loss"] for r in read_metrics(out / "metrics.jsonl")
+            if r["kind"] == "round" and r["run"] == "federation"} for out in (a, b)]
+    assert sorted(val[0]) == sorted(val[1]) == list(range(rounds + 1))
+    for r, losses in val[0].items():
+        assert sorted(losses) == sorted(domains)
+        for domain, loss in losses.items():
+            assert loss == pytest.approx(val[1][r][domain], abs=1e-4), (r, domain)

@@ -19,7 +19,7 @@ from atoll.deploy.keys import make_keys
 from atoll.ledger.chain import read_entries, verify_ledger
 from atoll.ledger.credit import shares
 from atoll.util.storage import load_state
-from tests.flower_harness import Federation, write_config
+from tests.flower_harness import Federation, assert_same_validation, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -77,14 +77,7 @@ def test_flower_equals_local_engine_and_refuses_strangers(demo_data, tmp_path, f
     assert {("sites", s, "round-00003") for s in SITES} <= run_folders
     assert all(f[-1].endswith("00003") for f in run_folders), sorted(run_folders)
     # the sites evaluated the global weights on their held-out rows, as they do locally
-    val = [{r["round"]: r["val_loss"] for r in read_metrics(out / "metrics.jsonl")
-            if r["kind"] == "round" and r["run"] == "federation"}
-           for out in (fed.out, tmp_path / "local")]
-    assert sorted(val[0]) == sorted(val[1]) == [0, 1, 2, 3]
-    for r, losses in val[0].items():
-        assert sorted(losses) == sorted(SITES)
-        for domain, loss in losses.items():
-            assert loss == pytest.approx(val[1][r][domain], abs=1e-4)
+    assert_same_validation(fed.out, tmp_path / "local", SITES, rounds=3)
     assert fed.sites["intruder"].wait(timeout=120) != 0  # refused by the SuperLink
     assert "refused this site's key" in fed.log("intruder")
     assert "intruder" not in str(read_metrics(fed.out / "metrics.jsonl"))

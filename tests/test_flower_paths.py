@@ -13,7 +13,7 @@ from atoll.app.metrics import read_metrics
 from atoll.app.run_config import load_run_config
 from atoll.app.simulate import simulate
 from atoll.deploy.keys import make_keys
-from tests.flower_harness import write_config
+from tests.flower_harness import assert_same_validation, write_config
 from tests.test_flower import federation as federation  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
@@ -59,11 +59,4 @@ def test_flower_equals_local_engine_on_a_two_by_two_grid(demo_data, tmp_path,
         sorted((r["round"], r["site"], r["accepted"]) for r in rounds[1])
     assert all(path_bytes < r["bytes_down"] < path_bytes + 200_000 for r in rounds[0])
     # validated by the sites, each path on the held-out rows routed to it, as locally
-    val = [{r["round"]: r["val_loss"] for r in read_metrics(out / "metrics.jsonl")
-            if r["kind"] == "round" and r["run"] == "federation"}
-           for out in (fed.out, tmp_path / "local")]
-    assert sorted(val[0]) == sorted(val[1]) == [0, 1, 2, 3]
-    for r, losses in val[0].items():
-        assert sorted(losses) == sorted(SITES)
-        for domain, loss in losses.items():
-            assert loss == pytest.approx(val[1][r][domain], abs=1e-4)
+    assert_same_validation(fed.out, tmp_path / "local", SITES, rounds=3)

@@ -206,3 +206,21 @@ def test_robust_rules_credit_and_the_ledger_work_module_by_module(demo_data, tmp
         assert len(modules) == 3 and "shared" in modules
         assert e.body["value"] is not None  # valued against the routed validation loss
     assert sum(s.share for s in shares(read_entries(ledger))) == pytest.approx(1.0)
+
+
+def test_a_site_that_poisons_the_routing_features_is_left_out(demo_data, tmp_path):
+    """Features 1000 long from one site are refused; the router is fitted on the others'
+    and matches a run without that site; the liar, of whose data nothing is known, is never
+    given a path, and the others train every round."""
+    honest = ["code", "scripture", "speeches"]
+    cfg = grid_config(demo_data, GRID, honest, federation={"rounds": 2})
+    cfg.sites.append(type(cfg.sites[0])(name="liar", data=str(demo_data["shakespeare"]),
+                                        fault="features_poison"))
+    simulate(cfg, tmp_path / "run", report=False)
+    rounds = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+              if r["kind"] == "round" and r["round"] > 0]
+    assert [sorted(r["sites"]) for r in rounds] == [honest, honest]
+    simulate(grid_config(demo_data, GRID, honest, federation={"rounds": 2}),
+             tmp_path / "without", report=False)
+    assert (tmp_path / "run" / "router" / "router.safetensors").read_bytes() == \
+        (tmp_path / "without" / "router" / "router.safetensors").read_bytes()

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
+from atoll.federation.answers import answers
 from atoll.federation.engine import Engine
 from atoll.federation.protocol import (
     WIRE_VERSION,
     EvalReport,
     EvalRequest,
-    SiteFailure,
     header,
 )
 from atoll.train.evaluate import held_out_batches, loss_and_tokens
@@ -134,26 +134,9 @@ def ask_sites(engine: Engine, requests: dict[str, EvalRequest], deadline_s: floa
               ) -> EvalOutcome:
     """Send ``requests``, check every report against its request, merge the good ones; one
     site that fails or lies never stops the others."""
-    out, reports = EvalOutcome(), []
-    for reply in engine.evaluate(requests, deadline_s):
-        if isinstance(reply, SiteFailure):
-            out.refused[reply.site] = reply.reason
-            continue
-        out.bytes_up += reply.bytes_up
-        out.bytes_down += reply.bytes_down
-        request = requests.get(reply.site)
-        if request is None or reply.site in out.refused or any(
-                r.site == reply.site for r in reports):
-            reason = "was not asked (or answered twice)"
-        else:
-            reason = check_against_request(reply, request)
-        if reason:
-            out.refused[reply.site] = reason
-        else:
-            reports.append(reply)
-    for site in requests:
-        if site not in out.refused and all(r.site != site for r in reports):
-            out.refused[site] = "no reply"
+    out = EvalOutcome()
+    reports = list(answers(engine.evaluate(requests, deadline_s), requests,
+                           check_against_request, out))
     out.losses, out.tokens = merge_reports(reports)
     return out
 

@@ -19,7 +19,10 @@ the coordinator's parser."""
 EVAL_FAULTS = ("eval_nan", "eval_huge_tokens", "eval_wrong_round")
 """Done to an evaluation report (:mod:`atoll.federation.evaluation`): a NaN loss, a
 thousand times the held-out tokens, another round's number. Training stays honest."""
-FAULTS = ("", *DELTA_FAULTS, *WIRE_FAULTS, *HEADER_FAULTS, *EVAL_FAULTS)
+FEATURE_FAULTS = ("features_poison",)
+"""Done to a grid's routing features (:mod:`atoll.federation.features`): every row's
+features 1000 long, to drag the router's centroids its way. Training stays honest."""
+FAULTS = ("", *DELTA_FAULTS, *WIRE_FAULTS, *HEADER_FAULTS, *EVAL_FAULTS, *FEATURE_FAULTS)
 
 
 def parse_faults(spec: str) -> list[tuple[str, str]]:

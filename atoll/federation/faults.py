@@ -38,6 +38,9 @@ What a hostile site writes in its evaluation report (its training stays honest):
 * ``eval_huge_tokens``: a thousand times the held-out tokens it measured;
 * ``eval_wrong_round``: the next round's number.
 
+What a hostile site sends as a grid's routing features: ``features_poison``, every row's
+features a thousand long (to drag the router's centroids its way).
+
 A fault spec of several names (``a,b,c``) shows them in turn, one a round
 (:func:`~atoll.federation.fault_kinds.parse_faults`).
 """
@@ -50,10 +53,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load
 
 from atoll.federation.checks import global_norm
 from atoll.federation.fault_kinds import DELTA_FAULTS, EVAL_FAULTS, parse_faults
-from atoll.federation.protocol import EvalRequest, RoundPlan, RunSpec
+from atoll.federation.protocol import EvalRequest, RoundPlan, RunSpec, tensor_bytes
 from atoll.federation.site import Site
 from atoll.ledger.receipts import sign_receipt
 from atoll.ledger.signing import Signer
@@ -160,6 +164,12 @@ class FaultySite(Site):
         fault, arg = self.fault_of(int(head["round"]))
         if head.get("type") == EvalRequest.__name__:
             return self._mangled_report(*super().answer(head, blob), fault), b""
+        if head.get("type") == "FeatureRequest":
+            report, features = super().answer(head, blob)
+            if fault == "features_poison":
+                x = load(features)["features"]
+                features = tensor_bytes({"features": torch.full_like(x, 1000.0)})
+            return report, features
         head, blob = super().answer(head, blob, on_step)
         if fault in EVAL_FAULTS:
             pass  # honest training

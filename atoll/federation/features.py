@@ -25,10 +25,10 @@ import torch
 
 from atoll.consent.pool import allowed_sources
 from atoll.data.reader import TokenDataset, allowed_mask
+from atoll.federation.answers import answers
 from atoll.federation.engine import Engine
 from atoll.federation.protocol import (
     WIRE_VERSION,
-    SiteFailure,
     carries,
     from_parts,
     header,
@@ -156,23 +156,8 @@ def collect_features(engine: Engine, requests: dict[str, FeatureRequest],
     """Send ``requests``; keep each report that answers its request. A site that fails or
     lies is refused with the reason and never stops the others."""
     out = FeatureOutcome()
-    for reply in engine.sample_features(requests, deadline_s):
-        if isinstance(reply, SiteFailure):
-            out.refused[reply.site] = reply.reason
-            continue
-        out.bytes_up += reply.bytes_up
-        out.bytes_down += reply.bytes_down
-        request = requests.get(reply.site)
-        reason = ("was not asked (or answered twice)" if request is None or
-                  reply.site in out.features or reply.site in out.refused
-                  else check_against_request(reply, request))
-        if reason:
-            out.refused[reply.site] = reason
-            continue
+    for reply in answers(engine.sample_features(requests, deadline_s), requests,
+                         check_against_request, out):
         out.features[reply.site] = reply.features["features"].numpy()
         out.rows[reply.site] = reply.rows
-    for site in requests:
-        if site not in out.features:
-            out.refused.setdefault(site, "no reply")
     return out
-
