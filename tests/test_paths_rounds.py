@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from atoll.app.metrics import read_metrics
 from atoll.app.run import Run
 from atoll.app.simulate import simulate
+from atoll.cli.main import main
 from atoll.config import ConfigError
 from atoll.engines.local import LocalEngine
 from atoll.federation.codecs import decode, parse_spec
@@ -135,7 +136,8 @@ def test_sites_measure_each_path_on_their_rows_routed_to_it(demo_data, tmp_path)
             assert there[d] == pytest.approx(here[d], rel=1e-6), d
 
 
-def test_every_path_of_the_exported_grid_loads_and_the_router_is_kept(demo_data, tmp_path):
+def test_every_path_of_the_exported_grid_loads_and_the_router_is_kept(demo_data, tmp_path,
+                                                                     capsys):
     cfg = grid_config(demo_data, GRID, ["code", "shakespeare"], federation={"rounds": 1})
     simulate(cfg, tmp_path / "run", report=False)
     model = tmp_path / "run" / "model"
@@ -145,6 +147,16 @@ def test_every_path_of_the_exported_grid_loads_and_the_router_is_kept(demo_data,
         AutoModelForCausalLM.from_pretrained(model / name)
     saved = json.loads((tmp_path / "run" / "router" / "router.json").read_text())
     assert saved == json.loads((model / "router.json").read_text())
+    # atoll generate routes the prompt; atoll export copies every path in the dtype asked
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "def main(",
+                 "--max-new-tokens", "4"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first in {f"path {name}" for name in index["paths"]}
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "pub"),
+                 "--dtype", "bf16"]) == 0
+    for name in index["paths"]:
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "pub" / name)
+        assert next(again.parameters()).dtype == torch.bfloat16
 
 
 def test_a_resumed_grid_run_equals_the_uninterrupted_one(demo_data, tmp_path):

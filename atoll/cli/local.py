@@ -89,9 +89,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print_cost(cfg)
     run = simulate(cfg, out, progress=Progress(title="atoll demo"))
     print_summary(run)
-    prompt = "The "
-    sample = generate_sample(run.model, run.tokenizer, prompt, seed=cfg.seed)
-    print(f"\nsample from the federated model: {prompt}{sample!r}")
+    prompt, model, via = "The ", run.model, ""
+    if run.grid is not None:  # the prompt runs through the path its first tokens route to
+        from atoll.app.paths_export import load_for_prompt
+        from atoll.paths.grid import path_name
+
+        model, _, path = load_for_prompt(out / "model", prompt)
+        via = f" (path {path_name(path)})"
+    sample = generate_sample(model, run.tokenizer, prompt, seed=cfg.seed)
+    print(f"\nsample from the federated model{via}: {prompt}{sample!r}")
     print(f"\ndone in {time.perf_counter() - started:.0f}s; open {out / 'report.html'}")
     return 0
 
@@ -130,7 +136,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_run(args.run_dir, args.out, args.dtype)
     except (ValueError, FileNotFoundError) as e:
         return fail(f"export: {e}")
-    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained; model card {out / 'README.md'})")
+    what = "every path a Hugging Face model, and the router" if (out / "paths.json").exists() \
+        else f"AutoModelForCausalLM.from_pretrained; model card {out / 'README.md'}"
+    print(f"wrote {out} ({what})")
     return 0
 
 

@@ -22,7 +22,11 @@ def print_summary(run: Run) -> None:
         table = shares(read_entries(run.out / LEDGER))
         print("\nshare of the model (ledger: " + str(run.out / LEDGER) + ")")
         print("  " + ", ".join(f"{s.contributor} {s.share:.1%}" for s in table))
-    print(f"\nmodel: {run.out / 'model'} (AutoModelForCausalLM.from_pretrained)")
+    if run.grid is None:
+        print(f"\nmodel: {run.out / 'model'} (AutoModelForCausalLM.from_pretrained)")
+    else:
+        print(f"\nmodel: {run.out / 'model'}: every path a Hugging Face model (p0-0/ ...) and "
+              f"the router; atoll generate {run.out} --prompt TEXT")
     print(f"report: {run.out / 'report.html'}")
 
 
