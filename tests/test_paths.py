@@ -132,10 +132,35 @@ def test_a_one_by_one_grid_is_the_dense_model_bit_for_bit(tiny):
     ([[0, 2], [3, 4]], [2, 2], "follow each other"),
     ([[0, 2], [2, 3]], [2, 2], "the model has 4 blocks"),
     ([[0, 4]], [2, 2], "1 levels but 2 entries"),
-    ([[0, 4]], [0], "integers >= 1")])
+    ([[0, 4]], [0], "integers >= 1"),
+    (["head", [0, 4]], [2, 1], "\"head\" \\(last\\)"),
+    ([[0, 4], "embed"], [1, 2], "\"embed\" \\(first\\)"),
+    (["embed", "norm", [0, 4]], [2, 2, 1], "a named level"),
+    (["embed", "head"], [2, 2], "no block range")])
 def test_a_grid_that_does_not_tile_the_model_is_refused(levels, modules, words):
     with pytest.raises(ValueError, match=words):
         PathsConfig(levels=levels, modules_per_level=modules).check(num_layers=4)
+
+
+def test_embeddings_and_head_as_levels_of_their_own(tiny):
+    """``"embed"`` and ``"head"`` take what every path otherwise shares into levels with
+    modules of their own; each path is still one base model, and nothing is left shared."""
+    cfg = PathsConfig(levels=["embed", [0, 4], "head"], modules_per_level=[2, 1, 3])
+    cfg.check(num_layers=4)
+    dense = _dense(tiny)
+    grid = grid_from_dense(dense, cfg)
+    modules = {k.partition("/")[0] for k in grid}
+    assert modules == {"l0m0", "l0m1", "l1m0", "l2m0", "l2m1", "l2m2"}  # no "shared" left
+    assert {k for k in grid if k.startswith("l2m1/")} == {
+        "l2m1/model.norm.weight", "l2m1/lm_head.weight"}
+    assert {k for k in grid if k.startswith("l0m1/")} == {"l0m1/model.embed_tokens.weight"}
+    weights = path_weights(grid, (1, 0, 2), cfg)
+    assert weights.keys() == dense.keys()
+    assert weights["lm_head.weight"] is grid["l2m2/lm_head.weight"]
+    assert weights["model.embed_tokens.weight"] is grid["l0m1/model.embed_tokens.weight"]
+    assert len(cfg.paths()) == 6
+    with pytest.raises(ValueError, match="ties its input and output embeddings"):
+        cfg.check(num_layers=4, tied=True)
 
 
 def _domain_rows(demo_data, per_domain: int) -> tuple[np.ndarray, list[str]]:

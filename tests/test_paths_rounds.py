@@ -32,6 +32,8 @@ from tests.test_resume import Crash, CrashingEngine, comparable
 
 GRID = {"levels": [[0, 2], [2, 4]], "modules_per_level": [2, 2]}
 ONE = {"levels": [[0, 4]], "modules_per_level": [1]}
+# the embeddings and the head as levels of their own, two modules each
+OWN_ENDS = {"levels": ["embed", [0, 4], "head"], "modules_per_level": [2, 1, 2]}
 SITES = ["code", "scripture", "shakespeare", "speeches"]
 
 
@@ -72,13 +74,15 @@ def run_recorded(cfg, out):
     return run, engine, weights
 
 
-def test_a_site_is_sent_only_its_paths_modules_and_untrained_modules_stay(demo_data, tmp_path):
-    cfg = grid_config(demo_data, GRID)
+@pytest.mark.parametrize("grid", [GRID, OWN_ENDS], ids=["blocks", "own-ends"])
+def test_a_site_is_sent_only_its_paths_modules_and_untrained_modules_stay(demo_data, tmp_path,
+                                                                         grid):
+    cfg = grid_config(demo_data, grid)
     run, engine, weights = run_recorded(cfg, tmp_path / "grid")
-    paths = PathsConfig(**GRID)
+    paths = PathsConfig(**grid)
     one_path = sum(t.numel() for t in run.model.parameters())
     grid_size = sum(t.numel() for t in run.coordinator.weights.values())
-    assert grid_size > 1.5 * one_path
+    assert grid_size > one_path + 30_000  # a second embedding and head at least
     drawn = set()
     for r, (plans, opened) in enumerate(engine.sent, start=1):
         touched = set()
@@ -102,13 +106,16 @@ def test_a_site_is_sent_only_its_paths_modules_and_untrained_modules_stay(demo_d
     assert all(4 * one_path < m["bytes_down"] < 4 * one_path + 64_000 for m in sites)
 
 
-def test_a_one_by_one_grid_trains_exactly_as_the_dense_model(demo_data, tmp_path):
+@pytest.mark.parametrize("grid,path", [(ONE, "p0"), ({"levels": ["embed", [0, 4], "head"],
+                                                       "modules_per_level": [1, 1, 1]},
+                                                      "p0-0-0")], ids=["blocks", "own-ends"])
+def test_a_one_by_one_grid_trains_exactly_as_the_dense_model(demo_data, tmp_path, grid, path):
     sites = ["code", "speeches"]
     dense = simulate(small_config(demo_data, sites, eval={"at": "coordinator"}),
                      tmp_path / "dense", report=False)
-    one = simulate(grid_config(demo_data, ONE, sites), tmp_path / "one", report=False)
+    one = simulate(grid_config(demo_data, grid, sites), tmp_path / "one", report=False)
     want = load_file(tmp_path / "dense" / "model" / "model.safetensors")
-    got = load_file(tmp_path / "one" / "model" / "p0" / "model.safetensors")
+    got = load_file(tmp_path / "one" / "model" / path / "model.safetensors")
     assert want.keys() == got.keys()
     assert all(torch.equal(want[n], got[n]) for n in want)
     losses = [[r["val_loss"] for r in read_metrics(out / "metrics.jsonl")

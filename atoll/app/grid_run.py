@@ -169,7 +169,8 @@ def build_coordinator(init: dict[str, torch.Tensor], ccfg: CoordinatorConfig,
     of ``paths``, every module starts as a copy of its level's blocks, and the grid's run."""
     if not paths.enabled:
         return Coordinator(init, ccfg), None
-    paths.check(model.config.num_hidden_layers)
+    paths.check(model.config.num_hidden_layers,
+                tied=bool(getattr(model.config, "tie_word_embeddings", False)))
     coordinator = Coordinator(grid_from_dense(init, paths), ccfg)
     return coordinator, GridRun(paths, out, coordinator, model, log)
 

@@ -3,7 +3,9 @@
 The transformer blocks of a Llama-family model are split into *levels* (consecutive ranges
 of blocks); each level has several interchangeable *modules* (its own copy of those blocks).
 A *path* takes one module per level and is an ordinary causal LM of the base model's shape:
-the embeddings, the final norm and the output head are shared by every path. So a site that
+the embeddings, the final norm and the output head are shared by every path, unless the
+token embeddings (``"embed"``, the first level) or the final norm and output head
+(``"head"``, the last level) are made a level of their own. So a site that
 trains one path holds and trains exactly one base model, and the whole grid (``K^L`` paths
 from ``K x L`` modules) is larger than anything one site holds.
 
@@ -24,7 +26,12 @@ import torch
 from atoll.paths.router_config import RouterConfig
 
 SHARED = "shared"
+EMBED = "embed"
+HEAD = "head"
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# Llama-family names of what is outside the blocks: a level "embed" holds the first, "head"
+# the second (the final norm goes with the head: it only ever feeds it).
+_OUTSIDE = {EMBED: ("model.embed_tokens.",), HEAD: ("model.norm.", "lm_head.")}
 
 Path = tuple[int, ...]
 """One module index per level."""
@@ -34,9 +41,11 @@ Path = tuple[int, ...]
 class PathsConfig:
     """How a model's blocks are split into levels of modules (``model.paths``)."""
 
-    levels: list[list[int]] = field(default_factory=list)
+    levels: list[list[int] | str] = field(default_factory=list)
     """Each level's ``[first, end)`` block range; together they cover every block once, in
-    order (``[[0, 2], [2, 4]]`` for a 4-block model in two levels). Empty: a dense model."""
+    order (``[[0, 2], [2, 4]]`` for a 4-block model in two levels). ``"embed"`` first and
+    ``"head"`` last make the token embeddings, and the final norm with the output head,
+    levels of their own (``["embed", [0, 4]]``). Empty: a dense model."""
     modules_per_level: list[int] = field(default_factory=list)
     """How many modules each level has (``[2, 2]``: 4 paths)."""
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -47,9 +56,11 @@ class PathsConfig:
         """Whether the model is a grid of paths at all."""
         return bool(self.levels)
 
-    def check(self, num_layers: int | None = None) -> None:
+    def check(self, num_layers: int | None = None, tied: bool = False) -> None:
         """Refuse levels that do not tile the model's ``num_layers`` blocks (when known), a
-        level without modules, or router settings no router can use."""
+        level without modules, ``"embed"`` or ``"head"`` out of place or on a model that
+        ties its input and output embeddings (``tied``), or router settings no router can
+        use."""
         if not self.enabled:
             if self.modules_per_level:
                 raise ValueError("model.paths.modules_per_level without model.paths.levels")
@@ -58,18 +69,39 @@ class PathsConfig:
         if len(self.modules_per_level) != len(self.levels):
             raise ValueError(f"model.paths: {len(self.levels)} levels but "
                              f"{len(self.modules_per_level)} entries in modules_per_level")
+        self._check_outside(tied)
         at = 0
         for i, lv in enumerate(self.levels):
+            if isinstance(lv, str):
+                continue
             if len(lv) != 2 or lv[0] != at or lv[1] <= lv[0]:
                 raise ValueError(f"model.paths.levels[{i}] = {lv}: levels must be [first, end) "
                                  f"block ranges that follow each other from block 0")
             at = lv[1]
+        if at == 0:
+            raise ValueError("model.paths.levels has no block range: the blocks need at "
+                             "least one level (one module of [0, blocks) is the dense stack)")
         if num_layers is not None and at != num_layers:
             raise ValueError(f"model.paths.levels end at block {at}; the model has "
                              f"{num_layers} blocks")
         if any(type(k) is not int or k < 1 for k in self.modules_per_level):
             raise ValueError(f"model.paths.modules_per_level must be integers >= 1, got "
                              f"{self.modules_per_level}")
+
+    def _check_outside(self, tied: bool) -> None:
+        """``"embed"`` only first, ``"head"`` only last, no other names, and neither where
+        one tensor is both (a path would get another path's head with its embeddings)."""
+        last = len(self.levels) - 1
+        for i, lv in enumerate(self.levels):
+            if not isinstance(lv, str):
+                continue
+            if lv not in _OUTSIDE or (lv == EMBED and i != 0) or (lv == HEAD and i != last):
+                raise ValueError(f"model.paths.levels[{i}] = {lv!r}: a named level is "
+                                 f"\"embed\" (first) or \"head\" (last)")
+            if tied:
+                raise ValueError(f"model.paths.levels[{i}] = {lv!r}: the model ties its input "
+                                 f"and output embeddings (tie_word_embeddings), so neither "
+                                 f"can be a level of its own")
 
     def paths(self) -> list[Path]:
         """Every path of the grid, in a fixed order."""
@@ -82,18 +114,26 @@ class PathsConfig:
 
     def level_of_block(self, block: int) -> int:
         """The level block ``block`` belongs to."""
-        for lv, (first, end) in enumerate(self.levels):
-            if first <= block < end:
+        for lv, span in enumerate(self.levels):
+            if not isinstance(span, str) and span[0] <= block < span[1]:
                 return lv
         raise ValueError(f"block {block} is in no level")
 
+    def level_of(self, parameter: str) -> int | None:
+        """The level ``parameter`` (a name in the assembled model) belongs to; None: it is
+        shared by every path."""
+        m = _LAYER.match(parameter)
+        if m is not None:
+            return self.level_of_block(int(m.group(1)))
+        for named, prefixes in _OUTSIDE.items():
+            if named in self.levels and parameter.startswith(prefixes):
+                return self.levels.index(named)
+        return None
+
     def module_of(self, parameter: str, path: Path) -> str:
         """The module that holds ``parameter`` (a name in the assembled model) on ``path``."""
-        m = _LAYER.match(parameter)
-        if m is None:
-            return SHARED
-        lv = self.level_of_block(int(m.group(1)))
-        return module_name(lv, path[lv])
+        lv = self.level_of(parameter)
+        return SHARED if lv is None else module_name(lv, path[lv])
 
     def modules_of(self, path: Path) -> list[str]:
         """The modules ``path`` runs through (``shared`` included)."""
@@ -127,11 +167,10 @@ def grid_from_dense(dense: dict[str, torch.Tensor], cfg: PathsConfig
     model's blocks of that level (the paths then differ by the data routed to them)."""
     grid = {}
     for name, t in dense.items():
-        m = _LAYER.match(name)
-        if m is None:
+        lv = cfg.level_of(name)
+        if lv is None:
             grid[f"{SHARED}/{name}"] = t.clone()
             continue
-        lv = cfg.level_of_block(int(m.group(1)))
         for k in range(cfg.modules_per_level[lv]):
             grid[f"{module_name(lv, k)}/{name}"] = t.clone()
     return grid
