@@ -282,3 +282,24 @@ def test_a_site_trains_its_paths_in_proportion_to_its_tokens_and_only_those():
     share = sum(d["a"] == (0, 0) for d in drawn) / len(drawn)
     assert abs(share - 0.75) < 0.03  # 3000 of its 4000 tokens (binomial sd 0.01)
     assert drawn[41] == assign_paths(tokens, 42, seed=7)  # a resumed run draws the same
+
+
+def test_sites_per_path_keeps_a_seeded_sample_of_each_crowded_path():
+    from atoll.paths.planning import cap_sites
+
+    drawn = {"a": (0, 0), "b": (0, 0), "c": (0, 0), "d": (1, 1), "e": (0, 1), "f": (0, 1)}
+    kept = [cap_sites(drawn, 2, r, seed=3) for r in range(1, 401)]
+    for k in kept:
+        on = Counter(k.values())
+        assert on[(0, 0)] == 2 and on[(0, 1)] == 2 and on[(1, 1)] == 1  # at most 2 a path
+        assert all(drawn[s] == p for s, p in k.items())  # nobody moved to another path
+        assert k["d"] == (1, 1)  # alone on its path: always kept
+    # which two of a, b, c train is drawn afresh each round, each about as often
+    times = Counter(s for k in kept for s in k if s in "abc")
+    assert all(abs(times[s] / 400 - 2 / 3) < 0.08 for s in "abc"), times
+    assert kept[9] == cap_sites(drawn, 2, 10, seed=3)  # a resumed run keeps the same
+    # a path's sample depends only on who drew it: another path's crowd changes nothing
+    fewer = {s: p for s, p in drawn.items() if s != "f"}
+    assert all({s for s in cap_sites(fewer, 2, r, 3) if s in "abc"} ==
+               {s for s in kept[r - 1] if s in "abc"} for r in range(1, 401))
+    assert cap_sites(drawn, 0, 1, seed=3) == drawn

@@ -4,6 +4,7 @@ module's outer step is made of, the 1 x 1 grid against the dense run, resume."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -243,3 +244,21 @@ def test_a_site_that_poisons_the_routing_features_is_left_out(demo_data, tmp_pat
              tmp_path / "without", report=False)
     assert (tmp_path / "run" / "router" / "router.safetensors").read_bytes() == \
         (tmp_path / "without" / "router" / "router.safetensors").read_bytes()
+
+
+def test_sites_per_path_caps_the_sites_on_each_path_each_round(demo_data, tmp_path):
+    """``model.paths.sites_per_path = 1``: every round at most one site trains a path (a
+    2 x 2 grid and four sites: often fewer than four train), and each module's mean takes
+    only the sites that trained."""
+    cfg = grid_config(demo_data, dict(GRID, sites_per_path=1), federation={"rounds": 4})
+    run, engine, _ = run_recorded(cfg, tmp_path / "capped")
+    paths = PathsConfig(**GRID)
+    counts = []
+    for plans, _ in engine.sent:
+        on = Counter(parse_path(name, paths) for name, _, _ in plans.values())
+        assert max(on.values()) == 1, on
+        counts.append(len(plans))
+    assert min(counts) < len(SITES)  # two sites drew one path at least once: one sat out
+    metrics = read_metrics(tmp_path / "capped" / "metrics.jsonl")
+    trained = Counter(m["round"] for m in metrics if m["kind"] == "site" and m["accepted"])
+    assert [trained[r] for r in range(1, 5)] == counts

@@ -95,10 +95,11 @@ class Coordinator:
 
     def select(self, available: list[str]) -> list[str]:
         """The sites that train in the next round: all (with a grid: all of whose data
-        something is known), or a seeded sample of k."""
+        something is known, at most ``sites_per_path`` on a path), or a seeded sample of
+        k of them."""
         sites = sorted(available)
         if self.paths is not None:
-            sites = [s for s in sites if self.paths.path_of(s, self.round + 1)]
+            sites = self.paths.trainers(sites, self.round + 1)
         k = self.cfg.federation.sites_per_round
         self._sample_rate = k / len(sites) if k and k < len(sites) else 1.0
         if k and k < len(sites):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from atoll.paths.grid import Path, PathsConfig, path_name
-from atoll.paths.planning import assign_paths
+from atoll.paths.planning import assign_paths, cap_sites
 from atoll.paths.router import Router
 from atoll.paths.router_config import RouterConfig
 
@@ -62,6 +62,12 @@ class PathAssignment:
         if site not in self.tokens:
             return None
         return assign_paths({site: self.tokens[site]}, round_, self.seed).get(site)
+
+    def trainers(self, sites: list[str], round_: int) -> list[str]:
+        """Those of ``sites`` that train in ``round_``: every one with a path, at most
+        ``sites_per_path`` of them on each path."""
+        drawn = {s: p for s in sites if (p := self.path_of(s, round_)) is not None}
+        return sorted(cap_sites(drawn, self.cfg.sites_per_path, round_, self.seed))
 
     def names(self, path: Path) -> dict[str, str]:
         """``path``'s parameters as the base model names them -> their grid keys."""

@@ -50,6 +50,9 @@ class PathsConfig:
     """How many modules each level has (``[2, 2]``: 4 paths)."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """How documents are routed to paths (:mod:`atoll.paths.router`)."""
+    sites_per_path: int = 0
+    """At most this many sites train one path in a round (0 = no cap): where more drew it,
+    a seeded sample of this many does and the others sit the round out."""
 
     @property
     def enabled(self) -> bool:
@@ -84,6 +87,9 @@ class PathsConfig:
         if num_layers is not None and at != num_layers:
             raise ValueError(f"model.paths.levels end at block {at}; the model has "
                              f"{num_layers} blocks")
+        if self.sites_per_path < 0:
+            raise ValueError(f"model.paths.sites_per_path must be >= 0, got "
+                             f"{self.sites_per_path}")
         if any(type(k) is not int or k < 1 for k in self.modules_per_level):
             raise ValueError(f"model.paths.modules_per_level must be integers >= 1, got "
                              f"{self.modules_per_level}")
