@@ -80,7 +80,9 @@ def child(preset: str, vocab: int, n_sites: int, codec: str) -> dict:
     from atoll.federation.protocol import SiteUpdate
     from atoll.federation.settings import CoordinatorConfig, FederationConfig
     from atoll.model import PRESETS
+    from atoll.util.heap import return_large_frees_to_os
 
+    return_large_frees_to_os()  # as the coordinator's ServerApp does
     with no_init_weights():  # the code a model needs, loaded before the baseline is taken
         AutoModelForCausalLM.from_config(PRESETS["tiny"](256))
     baseline = max_rss()

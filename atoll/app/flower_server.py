@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from atoll.deploy.coordinator_host import SERVERAPP_PID
 from atoll.util.atomic import write_atomic
+from atoll.util.heap import return_large_frees_to_os
 
 server_app = ServerApp()
 
@@ -29,6 +30,8 @@ def coordinator_main(grid: Grid, context: Context) -> None:
     from atoll.app.run_config import load_run_config
     from atoll.engines.flower import FlowerEngine
 
+    # the peak then holds whatever the number of sites (atoll.util.heap)
+    return_large_frees_to_os()
     rc = context.run_config
     out = Path(str(rc["out"]))
     # a coordinator restarted after a crash ends this process if it outlived the SuperLink
