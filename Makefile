@@ -21,13 +21,17 @@ setup: $(BIN)/atoll
 demo: $(BIN)/atoll
 	$(BIN)/atoll demo
 
+# Two pytest-xdist workers, one a core; tests of real Flower processes run one at a time on
+# one of them (tests/conftest.py).
+PYTEST  = $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
 test: $(BIN)/atoll
 	$(BIN)/ruff check atoll bench tests
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 check: $(BIN)/atoll
 	$(BIN)/ruff check atoll bench tests
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(BIN)/atoll
 	$(BIN)/python bench/overhead.py

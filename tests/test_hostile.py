@@ -39,7 +39,10 @@ def config(root, members: dict):
                                     "min_sites": len(members), "deadline_s": 60.0})
 
 
-@pytest.fixture(scope="module")
+# session scope: under pytest-xdist a module-scoped fixture can be torn down and built again
+# between two of the module's tests (the federation cost two minutes each time); these hold
+# no open resources, only results
+@pytest.fixture(scope="session")
 def attacked(demo_data, tmp_path_factory) -> Federation:
     """A finished federation of the honest site and the two attackers."""
     root = tmp_path_factory.mktemp("attacked")
@@ -73,7 +76,7 @@ def _mount_control_attacks(fed: Federation, root) -> None:
     fed.evil_run = flwr_as(fed.out / "flower" / "home", "run", str(evil), fc.CONNECTION)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clean(demo_data, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The global weights of the same run with the honest site alone."""
     root = tmp_path_factory.mktemp("clean")
