@@ -48,17 +48,10 @@ def small_config(data: dict[str, Path], sites: list[str] | None = None, **sectio
     return from_dict(RunConfig, tree)
 
 
-# Tests that start real Flower processes (SuperLink, SuperNodes, ServerApps, ClientApps) or a
-# browser beside a running simulation: `make test` runs the suite on two pytest-xdist
-# workers, and these go one at a time to one of them, so that two federations of processes
-# never share the two cores and their heartbeats and deadlines see the machine they were
-# written for. Everything else is spread over both workers.
-ONE_AT_A_TIME = {"test_flower.py", "test_flower_members.py", "test_flower_paths.py",
-                 "test_flower_plans.py", "test_hostile.py", "test_dashboard.py"}
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if (item.path.name in ONE_AT_A_TIME
-                or getattr(item, "originalname", "") == "test_flower_benchmark_smoke"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
+ONE_AT_A_TIME = pytest.mark.xdist_group("real-processes")
+"""For tests that start real Flower processes (SuperLink, SuperNodes, ServerApps,
+ClientApps) or a browser beside a running simulation. `make test` runs the suite on two
+pytest-xdist workers (``--dist loadgroup``); tests with this mark go one at a time to one of
+them, so two federations of processes never share the two cores and their heartbeats and
+deadlines see the machine they were written for."""

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ONE_AT_A_TIME
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
@@ -102,6 +104,7 @@ def test_benchmark_smoke(script: str) -> None:
 
 
 @pytest.mark.slow
+@ONE_AT_A_TIME
 @pytest.mark.parametrize("script", sorted(FLOWER))
 def test_flower_benchmark_smoke(script: str) -> None:
     """Also: no SuperLink, SuperNode or site process outlives the benchmark."""

@@ -14,7 +14,7 @@ import pytest
 from atoll.app.dashboard import make_server, page
 from atoll.app.dashboard_data import dashboard_state
 from atoll.app.simulate import simulate
-from tests.conftest import small_config
+from tests.conftest import ONE_AT_A_TIME, small_config
 
 
 def chromium() -> str:
@@ -48,6 +48,7 @@ def points(html: str, canvas: str) -> int:
 
 
 @pytest.mark.slow
+@ONE_AT_A_TIME
 def test_dashboard_follows_a_running_simulation(demo_data, tmp_path):
     browser = chromium()
     body = page().decode()

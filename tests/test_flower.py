@@ -19,9 +19,10 @@ from atoll.deploy.keys import make_keys
 from atoll.ledger.chain import read_entries, verify_ledger
 from atoll.ledger.credit import shares
 from atoll.util.storage import load_state
+from tests.conftest import ONE_AT_A_TIME
 from tests.flower_harness import Federation, assert_same_validation, write_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_AT_A_TIME]
 
 SITES = ("code", "scripture", "speeches")
 

@@ -9,11 +9,12 @@ import pytest
 import tomli_w
 
 from atoll.deploy.keys import make_keys
+from tests.conftest import ONE_AT_A_TIME
 from tests.flower_harness import write_config
 from tests.test_flower import federation as federation  # noqa: F401 - a fixture
 from tests.test_flower import port_closed
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_AT_A_TIME]
 
 
 def test_a_site_dropped_from_the_config_is_unregistered_on_restart(demo_data, tmp_path,

@@ -13,10 +13,11 @@ from atoll.app.metrics import read_metrics
 from atoll.app.run_config import load_run_config
 from atoll.app.simulate import simulate
 from atoll.deploy.keys import make_keys
+from tests.conftest import ONE_AT_A_TIME
 from tests.flower_harness import assert_same_validation, write_config
 from tests.test_flower import federation as federation  # noqa: F401 - a fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_AT_A_TIME]
 
 SITES = ("code", "scripture", "speeches")
 

@@ -12,9 +12,10 @@ from atoll.app.metrics import read_metrics
 from atoll.app.run_config import load_run_config
 from atoll.app.simulate import simulate
 from atoll.deploy.keys import make_keys
+from tests.conftest import ONE_AT_A_TIME
 from tests.flower_harness import Federation, write_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_AT_A_TIME]
 
 SITES = ("code", "scripture", "speeches")
 

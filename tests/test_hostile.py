@@ -17,10 +17,11 @@ from atoll.app.run_config import load_run_config
 from atoll.app.simulate import simulate
 from atoll.deploy import flower_cli as fc
 from atoll.deploy.keys import make_keys
+from tests.conftest import ONE_AT_A_TIME
 from tests.flower_harness import Federation, write_config
 from tests.outsiders import control_attempts, flwr_as, outsider, wait_for_json, write_evil_app
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_AT_A_TIME]
 
 HONEST = "code"
 # round r: each hostile site mounts the r-th attack of its list

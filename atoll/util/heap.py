@@ -13,7 +13,6 @@ mapping, returned when freed, and the peak no longer depends on how many sites r
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_MMAP_THRESHOLD = -3
 """glibc's ``mallopt`` parameter number (malloc.h)."""
@@ -22,11 +21,7 @@ M_MMAP_THRESHOLD = -3
 def return_large_frees_to_os(threshold: int = 1 << 20) -> bool:
     """Serve every allocation of at least ``threshold`` bytes with its own mapping, from now
     on, in this process. True where it took effect (glibc); elsewhere nothing changes."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(threshold)))
-    except (OSError, AttributeError):  # not glibc (musl, macOS): no mallopt
-        return False
+    # the C library already loaded in this process: no search for it (find_library runs
+    # ldconfig), and the same allocator Python and torch use
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # absent outside glibc
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, ctypes.c_int(threshold)))
