@@ -7,8 +7,12 @@ reporting updates of the full model, closed with the outer step. Each update is 
 straight in its wire form (random codes and scales from a seeded generator, one model
 tensor at a time) rather than by a site training: the path measured is the coordinator's
 own, ``accept`` and ``close``. Each ``N`` runs in a process of its own, whose peak resident
-memory (``ru_maxrss``) less what it held before the model existed is the figure; the
-baseline is the stated peak (:func:`atoll.federation.memory.coordinator_peak`).
+memory less what it held before the model existed is the figure; the baseline is the
+stated peak (:func:`atoll.federation.memory.coordinator_peak`).
+
+The peak is Linux's high-water mark of this process's memory (``VmHWM``), reset once the
+imports are done. ``ru_maxrss`` would not do: a process started by ``exec`` inherits its
+parent's peak there, so under a large parent (a test worker) the figure came out too low.
 
     python bench/coordinator_memory.py [--preset 1b] [--sites 2,8] [--codec int8/64] [--smoke]
 """
@@ -18,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -29,9 +32,18 @@ from smoke import parse
 GiB = 1 << 30
 
 
-def max_rss() -> int:
-    """This process's peak resident memory so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def proc_status(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status``, in bytes (Linux: KiB)."""
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_from_here() -> int:
+    """Restart the high-water mark at what the process holds now; return that."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status("VmRSS")
 
 
 def wire_update(shapes: dict[str, torch.Size], codec: str, seed: int) -> dict[str, torch.Tensor]:
@@ -85,7 +97,7 @@ def child(preset: str, vocab: int, n_sites: int, codec: str) -> dict:
     return_large_frees_to_os()  # as the coordinator's ServerApp does
     with no_init_weights():  # the code a model needs, loaded before the baseline is taken
         AutoModelForCausalLM.from_config(PRESETS["tiny"](256))
-    baseline = max_rss()
+    baseline = peak_from_here()
     t0 = time.perf_counter()
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(PRESETS[preset](vocab), dtype=torch.float32)
@@ -98,7 +110,7 @@ def child(preset: str, vocab: int, n_sites: int, codec: str) -> dict:
     del model
     shapes = {n: w.shape for n, w in coord.weights.items()}
     built = time.perf_counter() - t0
-    rss, seconds, seed = [], [], 0
+    rss, seconds, seed, update_bytes = [], [], 0, 0
     for r, n in ((1, 1), (2, n_sites)):
         sites = [f"site{i}" for i in range(n)]
         coord.open_round(sites)
@@ -108,19 +120,20 @@ def child(preset: str, vocab: int, n_sites: int, codec: str) -> dict:
             update = SiteUpdate(run_id="mem", round=r, site=s, tokens=1000, steps=1,
                                 train_loss=1.0, seconds=1.0, compute_seconds=1.0,
                                 codec=cfg.up.spec, delta=wire_update(shapes, cfg.up.spec, seed))
+            update_bytes = sum(t.numel() * t.element_size() for t in update.delta.values())
             reason = coord.accept(update)
             del update
             if reason is not None:
                 raise SystemExit(f"update refused: {reason}")
             seconds.append(time.perf_counter() - t)
-            rss.append(max_rss() - baseline)
+            rss.append(proc_status("VmHWM") - baseline)
         if not coord.close().applied:
             raise SystemExit("the outer step was not taken")
-        rss.append(max_rss() - baseline)
+        rss.append(proc_status("VmHWM") - baseline)
     stated = coordinator_peak(shapes, cfg.outer, cfg.up, cfg.down)
     return {"preset": preset, "sites": n_sites, "codec": cfg.up.spec,
             "params": sum(math.prod(s) for s in shapes.values()),
-            "largest": max(math.prod(s) for s in shapes.values()),
+            "largest": max(math.prod(s) for s in shapes.values()), "update_bytes": update_bytes,
             "stated": stated.total, "parts": vars(stated), "peak": max(rss),
             "after_first_site": rss[2], "after_last_site": rss[-2], "after_close": rss[-1],
             "after_each_site": rss[2:-1],
@@ -128,7 +141,7 @@ def child(preset: str, vocab: int, n_sites: int, codec: str) -> dict:
 
 
 def measure(preset: str, vocab: int, n_sites: int, codec: str) -> dict:
-    """:func:`child` in a fresh process (its ``ru_maxrss`` is its own)."""
+    """:func:`child` in a fresh process (its memory is its own)."""
     cmd = [sys.executable, __file__, "--child", "--preset", preset, "--vocab", str(vocab),
            "--sites", str(n_sites), "--codec", codec]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -2,9 +2,10 @@
 
 A 60m model is built for real and taken through rounds of 1 and of 4 sites' full-model
 updates and the outer step, each in a fresh process (``bench/coordinator_memory.py
---child``), whose peak resident memory is the figure: memory, not time, so it is stable
-from run to run. Before the heap fix (atoll.util.heap) the peak grew by about one update
-per site folded in and went above the stated figure.
+--child``), whose peak resident memory is the figure: memory, not time, so it varies from
+run to run only by the heap's noise (a few MB). Without the heap fix (atoll.util.heap) the
+60m peak is over the stated figure with one site already (1.120e9 > 1.091e9 bytes); on
+125m it also grew by about 40 MB with each site folded in.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def test_the_peak_is_within_the_stated_figure_and_does_not_grow_with_sites():
     assert one["stated"] == four["stated"]
     for m in (one, four):
         assert m["peak"] <= m["stated"], (m["sites"], m["peak"], m["stated"])
-    # each site folded in leaves nothing behind: flat to within 1% of the model's weights
-    slack = 0.01 * 4 * four["params"]
+    # each site folded in leaves nothing behind. The heap's run-to-run noise is about 8 MB
+    # here (an eighth of one update); the fault this guards against left a good part of an
+    # update behind per site (125m: 40 MB a site), so a quarter of one update is the slack.
+    slack = 0.25 * four["update_bytes"]
     steps = four["after_each_site"]
     assert max(steps) - min(steps) <= slack, steps
     assert four["peak"] <= one["peak"] + slack
