@@ -25,7 +25,7 @@ from atoll.paths.grid import (
     path_weights,
     to_grid,
 )
-from atoll.paths.router import Router, RouterConfig, prefix_features
+from atoll.paths.router import Router, RouterConfig, inertia, kmeans, prefix_features
 from atoll.tokenizer import encode_fast, load_tokenizer
 from atoll.train.outer import OuterConfig, OuterOptimizer
 
@@ -197,6 +197,19 @@ def test_prefix_features_separate_the_demo_domains_better_than_chance(demo_data)
                 for c in set(routed)}
     purity = sum(c.most_common(1)[0][1] for c in clusters.values()) / len(rows)
     assert purity > 0.45, clusters
+
+
+def test_restarts_keep_the_run_of_least_inertia(demo_data):
+    """k-means with restarts returns, of the single runs from the same seeds, the one whose
+    rows lie closest to their centroids, and is strictly better than the worst of them here
+    (single runs on these rows do stop in different optima)."""
+    rows, _ = _domain_rows(demo_data, 100)
+    x = torch.from_numpy(prefix_features(rows, RouterConfig()))
+    singles = [kmeans(x, 4, 50, seed) for seed in range(5, 13)]
+    best = kmeans(x, 4, 50, 5, restarts=8)
+    scores = [inertia(x, c) for c in singles]
+    assert inertia(x, best) == min(scores) < max(scores)
+    assert torch.equal(best, singles[scores.index(min(scores))])
 
 
 def test_routing_is_deterministic_and_saved_with_the_run(demo_data, tmp_path):
