@@ -188,7 +188,8 @@ def test_product_kmeans_finds_a_product_of_clusters():
 
 def test_prefix_features_separate_the_demo_domains_better_than_chance(demo_data):
     """Four domains, one level of four modules: a cluster's rows are mostly one domain's
-    (chance: 0.25). Bigram features of 64 bytes are coarse; the figure is in BENCHMARKS."""
+    (chance: 0.25). These rows are 64 bytes, fewer than the default prefix: purity 0.67
+    here, against 0.91 on rows of 128 in BENCHMARKS."""
     rows, labels = _domain_rows(demo_data, 200)
     one_level = PathsConfig(levels=[[0, 4]], modules_per_level=[4])
     cfg = RouterConfig()
@@ -196,7 +197,7 @@ def test_prefix_features_separate_the_demo_domains_better_than_chance(demo_data)
     clusters = {c: Counter(lab for p, lab in zip(routed, labels, strict=True) if p == c)
                 for c in set(routed)}
     purity = sum(c.most_common(1)[0][1] for c in clusters.values()) / len(rows)
-    assert purity > 0.45, clusters
+    assert purity > 0.55, clusters
 
 
 def test_restarts_keep_the_run_of_least_inertia(demo_data):
