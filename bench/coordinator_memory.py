@@ -10,9 +10,8 @@ own, ``accept`` and ``close``. Each ``N`` runs in a process of its own, whose pe
 memory less what it held before the model existed is the figure; the baseline is the
 stated peak (:func:`atoll.federation.memory.coordinator_peak`).
 
-The peak is Linux's high-water mark of this process's memory (``VmHWM``), reset once the
-imports are done. ``ru_maxrss`` would not do: a process started by ``exec`` inherits its
-parent's peak there, so under a large parent (a test worker) the figure came out too low.
+The peak is Linux's high-water mark of the process's memory, reset once the imports are
+done (:mod:`peak_memory`).
 
     python bench/coordinator_memory.py [--preset 1b] [--sites 2,8] [--codec int8/64] [--smoke]
 """
@@ -27,23 +26,10 @@ import sys
 import time
 
 import torch
+from peak_memory import peak_from_here, peak_since
 from smoke import parse
 
 GiB = 1 << 30
-
-
-def proc_status(field: str) -> int:
-    """A memory figure of this process from ``/proc/self/status``, in bytes (Linux: KiB)."""
-    with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
-def peak_from_here() -> int:
-    """Restart the high-water mark at what the process holds now; return that."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return proc_status("VmRSS")
 
 
 def wire_update(shapes: dict[str, torch.Size], codec: str, seed: int) -> dict[str, torch.Tensor]:
@@ -120,16 +106,17 @@ def child(preset: str, vocab: int, n_sites: int, codec: str) -> dict:
             update = SiteUpdate(run_id="mem", round=r, site=s, tokens=1000, steps=1,
                                 train_loss=1.0, seconds=1.0, compute_seconds=1.0,
                                 codec=cfg.up.spec, delta=wire_update(shapes, cfg.up.spec, seed))
-            update_bytes = sum(t.numel() * t.element_size() for t in update.delta.values())
+            update_bytes = update_bytes or sum(t.numel() * t.element_size()
+                                               for t in update.delta.values())  # all alike
             reason = coord.accept(update)
             del update
             if reason is not None:
                 raise SystemExit(f"update refused: {reason}")
             seconds.append(time.perf_counter() - t)
-            rss.append(proc_status("VmHWM") - baseline)
+            rss.append(peak_since(baseline))
         if not coord.close().applied:
             raise SystemExit("the outer step was not taken")
-        rss.append(proc_status("VmHWM") - baseline)
+        rss.append(peak_since(baseline))
     stated = coordinator_peak(shapes, cfg.outer, cfg.up, cfg.down)
     return {"preset": preset, "sites": n_sites, "codec": cfg.up.spec,
             "params": sum(math.prod(s) for s in shapes.values()),

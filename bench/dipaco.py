@@ -48,24 +48,22 @@ import json, sys
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from atoll.train.inner import InnerConfig, InnerTrainer
-def status(key):
-    line = next(x for x in open("/proc/self/status") if x.startswith(key))
-    return int(line.split()[1]) * 1024
+a = json.loads(sys.argv[1])
+sys.path.insert(0, a["bench"])
+from peak_memory import peak_from_here, peak_since
 def train(cfg, batch, steps):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
     trainer = InnerTrainer(model, InnerConfig(**a["inner"]), 100)
     ids = torch.randint(0, cfg["vocab_size"], (batch, a["seq_len"]))
     trainer.run(lambda: ids, steps)
-a = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 # the same code on a model of almost nothing first: torch's one-time costs (kernels, the
 # autograd engine, thread pools) are then paid before the measurement starts
 train({**a["model"], "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
        "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 8}, 1, 2)
-before = status("VmRSS:")
-open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = peak_from_here()
 train(a["model"], a["batch"], 3)
-print(status("VmHWM:") - before)
+print(peak_since(before))
 """
 """A process that holds and trains one site's model: the peak resident bytes that adds
 (Linux: the high-water mark is reset once the imports are done)."""
@@ -93,7 +91,8 @@ def write_big_config(folder: Path) -> Path:
 def site_peak_rss(model_config: dict, inner: dict, batch: int, seq_len: int) -> int:
     """Measured: the peak resident memory a site's model and trainer add to a process."""
     arg = json.dumps({"model": model_config, "inner": inner, "batch": batch,
-                      "seq_len": seq_len}, default=str)
+                      "seq_len": seq_len, "bench": str(Path(__file__).resolve().parent)},
+                     default=str)
     out = subprocess.run([sys.executable, "-c", PEAK, arg], capture_output=True, text=True,
                          check=True)
     return int(out.stdout.split()[-1])

@@ -9,10 +9,11 @@ flat and product k-means (one per level) with and without the idf weighting, ove
 seeds. The baseline in the same run: rows assigned to paths at random.
 
 Then the features the paper routes by: a base model's. A dense ``tiny`` model is trained
-``--model-steps`` AdamW steps on an independent sample of the same four domains (the
-domains' labels are never used), and each row's feature is the mean of its last hidden
-state over the prefix, each dimension standardised over the rows; flat k-means on those,
-with the untrained model as its control.
+``--model-steps`` AdamW steps on a second sample of the same four domains, drawn with
+another seed (it may share rows with the routed ones; the domains' labels are never used),
+and each row's feature is the mean of its last hidden state over the prefix, each
+dimension standardised over the rows; flat k-means on those, with the untrained model as
+its control.
 This measures what such routing would buy before the federation grows a phase that trains
 the base model; atoll's router does not route this way today.
 

@@ -48,7 +48,6 @@ def small_config(data: dict[str, Path], sites: list[str] | None = None, **sectio
     return from_dict(RunConfig, tree)
 
 
-
 ONE_AT_A_TIME = pytest.mark.xdist_group("real-processes")
 """For tests that start real Flower processes (SuperLink, SuperNodes, ServerApps,
 ClientApps) or a browser beside a running simulation. `make test` runs the suite on two

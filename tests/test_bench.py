@@ -55,7 +55,7 @@ FLOWER = {
                                 "MB each way via file:// store"]),
 }
 # modules the benchmarks import or start, not benchmarks themselves
-HELPERS = {"flower_echo_app.py", "gpu_loops.py", "one_site.py", "smoke.py"}
+HELPERS = {"flower_echo_app.py", "gpu_loops.py", "one_site.py", "peak_memory.py", "smoke.py"}
 
 
 def run_smoke(script: str, extra: list[str], tmp: Path | None = None) -> str:
